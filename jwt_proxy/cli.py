@@ -1,0 +1,253 @@
+"""The command line: ``jwt-proxy [OPTIONS]`` serves; subcommands are tools around it.
+
+Options are declared once, in :data:`OPTIONS`, with their environment variable (the flag
+upper-cased, dashes to underscores), default and help; that table is what ``--help``
+shows and what the README lists. Every option is read as a string and validated by
+:meth:`jwt_proxy.config.Config.from_options`, so a bad value from a flag or from the
+environment fails the same way: one line naming the flag, before anything binds. Each
+flag is also accepted with a single dash (``-upstream-host``), as Go's flag package
+does, so the Go proxy's command lines work unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import threading
+import typing as t
+
+import click
+
+from . import __version__
+from .config import Config
+from .config import ConfigError
+from .config import parse_duration
+from .config import parse_listen_addr
+
+PROG = "jwt-proxy"
+NO_REGION = (
+    "no AWS region found: set AWS_REGION (or AWS_DEFAULT_REGION, or region in the AWS profile);"
+    " GetWebIdentityToken is only served by regional STS endpoints"
+)
+
+
+class _CommaList(click.ParamType):
+    """A repeatable option's item; from the environment the value is split on commas only."""
+
+    name = "text"
+    envvar_list_splitter = ","
+
+    def convert(self, value, param, ctx):
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    default: str
+    help: str
+    repeatable: bool = False
+    flag_value: str | None = None
+
+    @property
+    def envvar(self) -> str:
+        return self.name.upper().replace("-", "_")
+
+
+OPTIONS = (
+    Option("listen-addr", "127.0.0.1:8080", "host:port, [v6]:port or :port (all interfaces) the proxy listens on."),
+    Option("upstream-host", "", "Pin every request to this host[:port]; empty: the client names it in --host-header."),
+    Option("upstream-scheme", "https", "http or https, for the upstream connection."),
+    Option("host-header", "X-Upstream-Host", "Header that names the upstream when not pinned; Host means the Host line."),
+    Option("allowed-upstream-hosts", "", "Patterns (api.example.com, *.example.com, optional :port) a client-chosen upstream must match.", repeatable=True),
+    Option("upstream-timeout", "30s", "How long to wait for the upstream's response headers."),
+    Option("upstream-ca-file", "", "PEM bundle of extra CAs trusted for HTTPS upstreams."),
+    Option("token-audience", "", "Audience(s) of the JWT; empty: derived from the upstream as scheme://host.", repeatable=True),
+    Option("token-signing-algorithm", "RS256", "RS256 or ES384."),
+    Option("token-duration", "1h", "Token lifetime asked of STS, 60s to 1h."),
+    Option("token-refresh-skew", "5m", "Refresh a token this long before it expires."),
+    Option("token-scope", "", "OAuth scope sent to STS as Scope (needs OriginIdentity and one audience)."),
+    Option("token-subject-mode", "", "AWSIdentity or OriginIdentity; empty: STS's default."),
+    Option("token-tag", "", "KEY=VALUE tag sent to STS as Tags.", repeatable=True),
+    Option("tls-cert", "", "PEM certificate; with --tls-key the listener speaks HTTPS."),
+    Option("tls-key", "", "PEM private key for --tls-cert."),
+    Option("log-level", "info", "debug, info, warn or error."),
+    Option("log-format", "json", "json or text (logfmt)."),
+    Option("metrics-enabled", "true", "Serve Prometheus metrics on a separate listener.", flag_value="true"),
+    Option("metrics-listen-addr", "127.0.0.1:9090", "host:port of the metrics listener; must differ from --listen-addr."),
+    Option("metrics-path", "/metrics", "Path of the Prometheus text on the metrics listener."),
+    Option("workers", "2", "gunicorn worker processes."),
+    Option("threads", "32", "Threads per worker: concurrent requests per worker."),
+    Option("graceful-timeout", "30s", "How long SIGTERM waits for in-flight requests."),
+)
+
+
+def _add_options(command: t.Callable) -> t.Callable:
+    for option in reversed(OPTIONS):
+        python_name = option.name.replace("-", "_")
+        extra: dict[str, t.Any] = {}
+        if option.repeatable:
+            extra = {"multiple": True, "type": _CommaList(), "default": ()}
+        else:
+            extra = {"default": option.default}
+        if option.flag_value is not None:
+            extra["flag_value"] = option.flag_value
+            extra["is_flag"] = False
+        command = click.option(
+            f"--{option.name}",
+            f"-{option.name}",
+            python_name,
+            envvar=option.envvar,
+            show_default=bool(option.default),
+            show_envvar=True,
+            help=option.help,
+            **extra,
+        )(command)
+    return command
+
+
+def build_config(params: dict[str, t.Any]) -> Config:
+    """A validated Config from the root command's raw parameters and the AWS region.
+
+    :raises click.UsageError: one line naming the bad flag, or saying to set AWS_REGION.
+    """
+    from .sts import resolve_region
+
+    try:
+        config = Config.from_options(**params)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    region = resolve_region()
+    if not region:
+        raise click.UsageError(NO_REGION)
+    return dataclasses.replace(config, region=region)
+
+
+def config_from_environment() -> Config:
+    """The Config that ``jwt-proxy`` with no flags would build: for ``conf/gunicorn.conf.py``."""
+    context = root.make_context(PROG, [], resilient_parsing=False)
+    return build_config(context.params)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_add_options
+@click.pass_context
+def root(ctx: click.Context, **params: t.Any) -> None:
+    """Proxy HTTP requests to an upstream with an AWS STS web identity JWT as bearer token.
+
+    With no subcommand, serves on --listen-addr until SIGTERM.
+    """
+    ctx.obj = params
+    if ctx.invoked_subcommand is not None:
+        return
+    config = build_config(params)
+    from . import server
+
+    server.run(config)
+
+
+@root.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"{PROG} {__version__}")
+
+
+def _listen_addr(flag: str, value: str):
+    try:
+        return parse_listen_addr(flag, value)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _seconds(flag: str, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise click.UsageError(f"invalid value for {flag}: {value!r}: a duration such as 500ms, 30s or 5m") from None
+
+
+def _wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM, so servers in threads can be shut down in order."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+@root.command("local-sts")
+@click.option("--listen-addr", default="127.0.0.1:4599", show_default=True, help="host:port to serve on.")
+@click.option("--fail-with", default=None, help="Answer every GetWebIdentityToken with this AWS error code.")
+@click.option("--stall", default=None, help="Wait this long before answering (a duration).")
+@click.option("--max-token-lifetime", default=None, help="Issue tokens that expire sooner than asked (a duration).")
+@click.option(
+    "--max-session-duration",
+    default=None,
+    help="With --fail-with=SessionDurationEscalationException: fail only above this duration.",
+)
+def local_sts(listen_addr: str, fail_with: str | None, stall: str | None, max_token_lifetime: str | None, max_session_duration: str | None) -> None:
+    """Serve a local stand-in for STS GetWebIdentityToken, with its JWKS (for development).
+
+    Point the proxy at it with AWS_ENDPOINT_URL_STS=http://127.0.0.1:4599; any credentials
+    are accepted.
+    """
+    from .localsts import LocalSTS
+
+    address = _listen_addr("--listen-addr", listen_addr)
+    lifetime_s = _seconds("--max-token-lifetime", max_token_lifetime)
+    session_s = _seconds("--max-session-duration", max_session_duration)
+    server = LocalSTS(
+        address.host,
+        address.port,
+        fail_with=fail_with,
+        stall_s=_seconds("--stall", stall) or 0.0,
+        max_token_lifetime_s=int(lifetime_s) if lifetime_s is not None else None,
+        max_session_duration_s=int(session_s) if session_s is not None else None,
+    )
+    server.start()
+    click.echo(f"local-sts listening on {server.url} (AWS_ENDPOINT_URL_STS={server.url})", err=True)
+    try:
+        _wait_for_stop_signal()
+    finally:
+        server.shutdown()
+
+
+@root.command()
+@click.option("--listen-addr", default="127.0.0.1:8080", show_default=True, help="Where the proxy listens.")
+@click.option("--sts-listen-addr", default="127.0.0.1:4599", show_default=True, help="Where local-sts listens.")
+@click.option("--upstream-listen-addr", default="127.0.0.1:8081", show_default=True, help="Where the echo upstream listens.")
+@click.option("--metrics-listen-addr", default="127.0.0.1:9090", show_default=True, help="Where the proxy's metrics listen.")
+def demo(listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metrics_listen_addr: str) -> int:
+    """Run local-sts, a JWT-verifying echo upstream and the proxy, wired on loopback."""
+    for flag, value in (
+        ("--listen-addr", listen_addr),
+        ("--sts-listen-addr", sts_listen_addr),
+        ("--upstream-listen-addr", upstream_listen_addr),
+        ("--metrics-listen-addr", metrics_listen_addr),
+    ):
+        _listen_addr(flag, value)
+    from .demo import run_demo
+
+    return run_demo(
+        listen_addr=listen_addr,
+        sts_addr=sts_listen_addr,
+        upstream_addr=upstream_listen_addr,
+        metrics_listen_addr=metrics_listen_addr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; click's errors become one line on stderr and exit status 2."""
+    try:
+        result = root.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"{PROG}: error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 130
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,368 @@
+"""The proxy's configuration: parsed and validated once, then passed around frozen.
+
+Every option arrives as the raw string (or tuple of strings, for repeatable options) that
+the command line or the environment gave; :meth:`Config.from_options` turns them into
+typed values and raises :class:`ConfigError` naming the flag, the value and what is
+allowed. Nothing downstream re-validates or reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import typing as t
+
+from .routing import Authority
+from .routing import parse_authority
+
+if t.TYPE_CHECKING:
+    from collections.abc import Iterable
+
+# STS GetWebIdentityToken limits (botocore's sts service model).
+MIN_TOKEN_DURATION_S = 60
+MAX_TOKEN_DURATION_S = 3600
+MAX_AUDIENCES = 10
+MAX_AUDIENCE_CHARS = 1000
+
+SIGNING_ALGORITHMS = ("RS256", "ES384")
+SUBJECT_MODES = ("AWSIdentity", "OriginIdentity")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("json", "text")
+UPSTREAM_SCHEMES = ("http", "https")
+
+_DURATION_UNITS_S = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+_DURATION_HELP = "a duration such as 500ms, 30s, 5m, 1h, 1m30s or whole seconds"
+
+
+class ConfigError(ValueError):
+    """A bad option value; ``str()`` is the one line the CLI prints."""
+
+    def __init__(self, flag: str, value: object, allowed: str) -> None:
+        self.flag = flag
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid value for {flag}: {value!r}: {allowed}")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a Go-style duration (``1m30s``, ``500ms``) or plain whole seconds.
+
+    :raises ValueError: for anything else, including a negative value.
+    """
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    position = 0
+    total_s = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total_s += float(match.group(1)) * _DURATION_UNITS_S[match.group(2)]
+        position = match.end()
+    if position == 0 or position != len(text):
+        raise ValueError(text)
+    return total_s
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+def split_list(values: Iterable[str]) -> list[str]:
+    """Items of a repeatable option, each of which may itself be comma-separated."""
+    items: list[str] = []
+    for value in values:
+        items.extend(item.strip() for item in value.split(","))
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenAddress:
+    """Where a listener binds; ``host`` is ``0.0.0.0`` for ``:port``."""
+
+    host: str
+    port: int
+
+    @property
+    def bind(self) -> str:
+        """The gunicorn ``bind`` spelling, with brackets for IPv6."""
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_listen_addr(flag: str, text: str) -> ListenAddress:
+    allowed = "use host:port, [v6]:port or :port (all interfaces), with a port from 1 to 65535"
+    if not text or any(c.isspace() for c in text):
+        raise ConfigError(flag, text, allowed)
+    if text.startswith(":"):
+        host, port_text = "0.0.0.0", text[1:]
+    elif text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(flag, text, allowed)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(flag, text, allowed) from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or ":" in host or "/" in host:
+            raise ConfigError(flag, text, allowed)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(flag, text, allowed)
+    return ListenAddress(host, int(port_text))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the proxy was told, typed and validated.
+
+    Built only by :meth:`from_options`; ``region`` is resolved by the caller from the AWS
+    chain (it is not a flag) and checked here so that every start-up error has one path.
+    """
+
+    listen: ListenAddress
+    upstream: Authority | None
+    upstream_scheme: str
+    host_header: str
+    allowed_upstream_hosts: tuple[str, ...]
+    upstream_timeout_s: float
+    upstream_ca_file: str | None
+    token_audiences: tuple[str, ...]
+    token_signing_algorithm: str
+    token_duration_s: int
+    token_refresh_skew_s: float
+    token_scope: str | None
+    token_subject_mode: str | None
+    token_tags: tuple[tuple[str, str], ...]
+    tls_cert: str | None
+    tls_key: str | None
+    log_level: str
+    log_format: str
+    metrics_enabled: bool
+    metrics_listen: ListenAddress
+    metrics_path: str
+    workers: int
+    threads: int
+    graceful_timeout_s: float
+    region: str | None = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.upstream is not None
+
+    @property
+    def routing_header(self) -> str | None:
+        """The lower-cased header a client names its upstream in; None when pinned or Host."""
+        if self.pinned or self.host_header.lower() == "host":
+            return None
+        return self.host_header.lower()
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        listen_addr: str = "127.0.0.1:8080",
+        upstream_host: str = "",
+        upstream_scheme: str = "https",
+        host_header: str = "X-Upstream-Host",
+        allowed_upstream_hosts: Iterable[str] = (),
+        upstream_timeout: str = "30s",
+        upstream_ca_file: str = "",
+        token_audience: Iterable[str] = (),
+        token_signing_algorithm: str = "RS256",
+        token_duration: str = "1h",
+        token_refresh_skew: str = "5m",
+        token_scope: str = "",
+        token_subject_mode: str = "",
+        token_tag: Iterable[str] = (),
+        tls_cert: str = "",
+        tls_key: str = "",
+        log_level: str = "info",
+        log_format: str = "json",
+        metrics_enabled: str = "true",
+        metrics_listen_addr: str = "127.0.0.1:9090",
+        metrics_path: str = "/metrics",
+        workers: str = "2",
+        threads: str = "32",
+        graceful_timeout: str = "30s",
+        region: str | None = None,
+    ) -> Config:
+        """Parse raw option strings (flag or environment) into a validated Config.
+
+        :raises ConfigError: on the first bad value, naming its flag.
+        """
+        listen = parse_listen_addr("--listen-addr", listen_addr)
+        metrics_listen = parse_listen_addr("--metrics-listen-addr", metrics_listen_addr)
+        if metrics_listen == listen:
+            raise ConfigError(
+                "--metrics-listen-addr", metrics_listen_addr, "must differ from --listen-addr"
+            )
+
+        upstream = None
+        if upstream_host:
+            try:
+                upstream = parse_authority(upstream_host)
+            except ValueError:
+                raise ConfigError(
+                    "--upstream-host",
+                    upstream_host,
+                    "use host[:port] only (no scheme, path, user or spaces);"
+                    " set the scheme with --upstream-scheme",
+                ) from None
+
+        scheme = _choice("--upstream-scheme", upstream_scheme, UPSTREAM_SCHEMES)
+        if not host_header.strip() or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", host_header):
+            raise ConfigError("--host-header", host_header, "must be a non-empty header name")
+
+        allowed_hosts = tuple(split_list(allowed_upstream_hosts))
+        if any(not item or any(c.isspace() for c in item) for item in allowed_hosts):
+            raise ConfigError(
+                "--allowed-upstream-hosts",
+                ",".join(allowed_hosts),
+                "patterns like api.example.com or *.example.com, optionally with :port",
+            )
+
+        timeout_s = _positive_duration("--upstream-timeout", upstream_timeout)
+
+        audiences = split_list(token_audience)
+        for audience in audiences:
+            if not audience or any(c.isspace() for c in audience):
+                raise ConfigError(
+                    "--token-audience", ",".join(audiences), "audiences must be non-empty, with no spaces"
+                )
+            if len(audience) > MAX_AUDIENCE_CHARS:
+                raise ConfigError(
+                    "--token-audience", audience, f"at most {MAX_AUDIENCE_CHARS} characters each"
+                )
+        normalized = tuple(sorted(set(audiences)))
+        if len(normalized) > MAX_AUDIENCES:
+            raise ConfigError(
+                "--token-audience", ",".join(normalized), f"at most {MAX_AUDIENCES} audiences"
+            )
+
+        algorithm = _choice("--token-signing-algorithm", token_signing_algorithm, SIGNING_ALGORITHMS)
+
+        duration_s = _duration("--token-duration", token_duration)
+        if duration_s != int(duration_s) or not MIN_TOKEN_DURATION_S <= duration_s <= MAX_TOKEN_DURATION_S:
+            raise ConfigError(
+                "--token-duration",
+                token_duration,
+                f"whole seconds from {MIN_TOKEN_DURATION_S}s to {MAX_TOKEN_DURATION_S}s",
+            )
+        skew_s = _duration("--token-refresh-skew", token_refresh_skew)
+        if not 0 < skew_s < duration_s:
+            raise ConfigError(
+                "--token-refresh-skew", token_refresh_skew, "must be > 0 and less than --token-duration"
+            )
+
+        subject_mode = None
+        if token_subject_mode:
+            subject_mode = _choice("--token-subject-mode", token_subject_mode, SUBJECT_MODES)
+        scope = token_scope or None
+        tags = _parse_tags(token_tag)
+
+        if bool(tls_cert) != bool(tls_key):
+            flag = "--tls-key" if tls_cert else "--tls-cert"
+            raise ConfigError(flag, "", "set both --tls-cert and --tls-key, or neither")
+
+        level = _choice("--log-level", log_level.lower(), LOG_LEVELS)
+        fmt = _choice("--log-format", log_format.lower(), LOG_FORMATS)
+        try:
+            enabled = parse_bool(metrics_enabled)
+        except ValueError:
+            raise ConfigError("--metrics-enabled", metrics_enabled, "one of true, false, 1, 0, yes, no") from None
+        if not metrics_path.startswith("/") or any(c.isspace() for c in metrics_path):
+            raise ConfigError("--metrics-path", metrics_path, "must start with / and have no spaces")
+
+        return cls(
+            listen=listen,
+            upstream=upstream,
+            upstream_scheme=scheme,
+            host_header=host_header,
+            allowed_upstream_hosts=allowed_hosts,
+            upstream_timeout_s=timeout_s,
+            upstream_ca_file=upstream_ca_file or None,
+            token_audiences=normalized,
+            token_signing_algorithm=algorithm,
+            token_duration_s=int(duration_s),
+            token_refresh_skew_s=skew_s,
+            token_scope=scope,
+            token_subject_mode=subject_mode,
+            token_tags=tags,
+            tls_cert=tls_cert or None,
+            tls_key=tls_key or None,
+            log_level=level,
+            log_format=fmt,
+            metrics_enabled=enabled,
+            metrics_listen=metrics_listen,
+            metrics_path=metrics_path,
+            workers=_at_least_one("--workers", workers),
+            threads=_at_least_one("--threads", threads),
+            graceful_timeout_s=_positive_duration("--graceful-timeout", graceful_timeout),
+            region=region,
+        )
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(flag, value, "one of " + ", ".join(allowed))
+    return value
+
+
+def _duration(flag: str, text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise ConfigError(flag, text, _DURATION_HELP) from None
+
+
+def _positive_duration(flag: str, text: str) -> float:
+    seconds = _duration(flag, text)
+    if seconds <= 0:
+        raise ConfigError(flag, text, "must be greater than 0")
+    return seconds
+
+
+def _at_least_one(flag: str, text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(flag, text, "a whole number >= 1")
+    return int(text)
+
+
+def _parse_tags(values: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    tags = []
+    for item in split_list(values):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--token-tag", item, "use KEY=VALUE")
+        tags.append((key, value))
+    return tuple(tags)

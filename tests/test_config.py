@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import pytest
+
+from jwt_proxy.config import Config
+from jwt_proxy.config import ConfigError
+from jwt_proxy.config import parse_bool
+from jwt_proxy.config import parse_duration
+from jwt_proxy.routing import Authority
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("30s", 30), ("5m", 300), ("1h", 3600), ("1m30s", 90), ("30", 30), ("1.5h", 5400), ("2h45m", 9900)],
+)
+def test_go_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "s", "-5s", "5 s", "5d", "1m30", "m5", "1.2.3s"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("FALSE", False), ("1", True), ("0", False), ("yes", True), ("No", False)])
+def test_booleans(text, value):
+    assert parse_bool(text) is value
+
+
+def test_defaults():
+    config = Config.from_options()
+    assert config.listen.bind == "127.0.0.1:8080"
+    assert config.upstream is None
+    assert config.upstream_scheme == "https"
+    assert config.host_header == "X-Upstream-Host"
+    assert config.upstream_timeout_s == 30
+    assert config.token_signing_algorithm == "RS256"
+    assert config.token_duration_s == 3600
+    assert config.token_refresh_skew_s == 300
+    assert config.log_level == "info" and config.log_format == "json"
+    assert config.metrics_enabled is True and config.metrics_listen.bind == "127.0.0.1:9090"
+    assert config.metrics_path == "/metrics"
+    assert (config.workers, config.threads, config.graceful_timeout_s) == (2, 32, 30)
+
+
+def test_audiences_are_split_sorted_and_deduplicated():
+    config = Config.from_options(token_audience=["b,a", "b", "c"])
+    assert config.token_audiences == ("a", "b", "c")
+
+
+def test_listen_addresses():
+    assert Config.from_options(listen_addr=":9000").listen.bind == "0.0.0.0:9000"
+    assert Config.from_options(listen_addr="[::1]:9000").listen.bind == "[::1]:9000"
+
+
+def test_pinned_upstream_and_routing_header():
+    config = Config.from_options(upstream_host="API.example.com:8443")
+    assert config.upstream == Authority("API.example.com", 8443)
+    assert config.routing_header is None
+    assert Config.from_options().routing_header == "x-upstream-host"
+    assert Config.from_options(host_header="Host").routing_header is None
+
+
+@pytest.mark.parametrize(
+    ("options", "flag"),
+    [
+        ({"listen_addr": "8080"}, "--listen-addr"),
+        ({"listen_addr": "host:99999"}, "--listen-addr"),
+        ({"upstream_host": "https://api.example.com"}, "--upstream-host"),
+        ({"upstream_host": "api.example.com/v1"}, "--upstream-host"),
+        ({"upstream_host": "user@api.example.com"}, "--upstream-host"),
+        ({"upstream_host": "api example.com"}, "--upstream-host"),
+        ({"upstream_scheme": "ftp"}, "--upstream-scheme"),
+        ({"host_header": ""}, "--host-header"),
+        ({"upstream_timeout": "0s"}, "--upstream-timeout"),
+        ({"upstream_timeout": "soon"}, "--upstream-timeout"),
+        ({"token_audience": ["a,,b"]}, "--token-audience"),
+        ({"token_audience": ["a b"]}, "--token-audience"),
+        ({"token_audience": [f"a{i}" for i in range(11)]}, "--token-audience"),
+        ({"token_audience": ["x" * 1001]}, "--token-audience"),
+        ({"token_signing_algorithm": "HS256"}, "--token-signing-algorithm"),
+        ({"token_duration": "59s"}, "--token-duration"),
+        ({"token_duration": "61m"}, "--token-duration"),
+        ({"token_refresh_skew": "0s"}, "--token-refresh-skew"),
+        ({"token_duration": "5m", "token_refresh_skew": "5m"}, "--token-refresh-skew"),
+        ({"token_subject_mode": "Me"}, "--token-subject-mode"),
+        ({"token_tag": ["novalue"]}, "--token-tag"),
+        ({"tls_cert": "cert.pem"}, "--tls-key"),
+        ({"tls_key": "key.pem"}, "--tls-cert"),
+        ({"log_level": "verbose"}, "--log-level"),
+        ({"log_format": "xml"}, "--log-format"),
+        ({"metrics_enabled": "maybe"}, "--metrics-enabled"),
+        ({"metrics_listen_addr": "127.0.0.1:8080"}, "--metrics-listen-addr"),
+        ({"metrics_path": "metrics"}, "--metrics-path"),
+        ({"workers": "0"}, "--workers"),
+        ({"threads": "x"}, "--threads"),
+        ({"graceful_timeout": "-1s"}, "--graceful-timeout"),
+    ],
+)
+def test_bad_values_name_their_flag(options, flag):
+    with pytest.raises(ConfigError) as info:
+        Config.from_options(**options)
+    assert info.value.flag == flag
+    assert "\n" not in str(info.value)
+    assert flag in str(info.value)
+
+
+def test_log_level_any_case():
+    assert Config.from_options(log_level="WARN").log_level == "warn"
