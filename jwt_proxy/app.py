@@ -91,6 +91,8 @@ class Proxy:
         self.config = config
         self.tokens = tokens
         self.session = session
+        # Replaced by the token; in header mode the routing header is ours, not the upstream's.
+        self.dropped_headers = ("authorization",) + ((config.routing_header,) if config.routing_header else ())
 
     def __call__(self, **_: str) -> ProxyResponse:
         environ = request.environ
@@ -111,9 +113,7 @@ class Proxy:
         g.target = upstream.base_url + g.path
         token = self.tokens.get(config.token_audiences or (upstream.audience,))
 
-        headers = filter_request_headers(
-            request.headers.items(), also_drop=(config.routing_header,) if config.routing_header else ()
-        )
+        headers = filter_request_headers(request.headers.items(), also_drop=self.dropped_headers)
         if "Authorization" in request.headers:
             log.debug("replacing the inbound Authorization header", extra={"target": g.target})
         headers.insert(0, ("Host", upstream.host_header))

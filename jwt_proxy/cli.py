@@ -118,7 +118,10 @@ def build_config(params: dict[str, t.Any]) -> Config:
         config = Config.from_options(**params)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    region = resolve_region()
+    try:
+        region = resolve_region()
+    except ValueError as exc:  # AWS_PROFILE names a profile that does not exist
+        raise click.UsageError(f"AWS configuration: {exc}") from None
     if not region:
         raise click.UsageError(NO_REGION)
     return dataclasses.replace(config, region=region)

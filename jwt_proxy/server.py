@@ -35,7 +35,7 @@ def gunicorn_options(config: Config) -> dict[str, t.Any]:
         "worker_class": "gthread",
         "workers": config.workers,
         "threads": config.threads,
-        "graceful_timeout": config.graceful_timeout_s,
+        "graceful_timeout": int(-(-config.graceful_timeout_s // 1)),  # gunicorn takes whole seconds; round up
         "timeout": WORKER_LIVENESS_TIMEOUT_S,
         "keepalive": CLIENT_KEEPALIVE_S,
         "preload_app": False,

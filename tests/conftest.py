@@ -186,8 +186,10 @@ def sts(local_sts):
 def start_proxy(sts):
     """Start ``jwt-proxy`` with the given flags against the local STS; stopped at teardown.
 
-    Returns a function ``start(*flags, env=None, ready=True) -> Process``; the process has
-    ``.port`` and ``.url`` (its listen address) and is stopped by PID at teardown.
+    Returns a function ``start(*flags, env=None, ready=True, command=None) -> Process``;
+    ``command`` replaces the ``jwt-proxy`` command line (the listen addresses then go in
+    the environment). The process has ``.port`` and ``.url`` (its listen address) and is
+    stopped by PID at teardown.
     """
     started: list[Process] = []
 
@@ -206,7 +208,10 @@ def start_proxy(sts):
             "8",
             *flags,
         ]
-        process = Process(args, aws_env(sts.url, **(env or {})), port)
+        environment = aws_env(sts.url, **(env or {}))
+        if command:
+            environment.update(LISTEN_ADDR=f"127.0.0.1:{port}", METRICS_LISTEN_ADDR=f"127.0.0.1:{metrics_port}")
+        process = Process(args, environment, port)
         process.url = f"http://127.0.0.1:{port}"
         process.metrics_port = metrics_port
         started.append(process)
