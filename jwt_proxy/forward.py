@@ -1,0 +1,542 @@
+"""One upstream exchange, streamed both ways: the proxy's only requests/urllib3 module.
+
+A default ``requests.Session`` is a browser-like client, and a proxy built on it would
+rewrite what passes through it. This module keeps the transport (pooling, TLS, proxies,
+timeouts) and switches the rest off:
+
+- nothing is added to the request: no ``User-Agent``, ``Accept``, ``Accept-Encoding`` or
+  ``Content-Type`` the client did not send; no ``.netrc`` credentials; no cookie jar
+  shared between clients;
+- the request target reaches the wire byte for byte (``%2F``, ``%2E%2E``, ``/./``,
+  ``//``, a trailing ``?``, ``[``...): requests normalises URLs and urllib3 re-encodes
+  targets (``_encode_target``: ``[`` becomes ``%5B``, a stray ``%`` turns every escape of
+  that component into ``%25..``, ``#...`` is cut), so the raw target is handed to the
+  connection directly, see :class:`_RawTargetConnection`;
+- body framing is decided here from the body actually streamed, never copied (P2);
+- responses are read undecoded, one ``recv`` at a time, with the upstream's header lines
+  as they came; redirects are returned, never followed;
+- interim ``1xx`` responses (``102``, ``103 Early Hints``) are skipped like ``100``:
+  ``http.client`` would otherwise return the ``103`` as *the* response and leave the
+  real one in the pooled socket, to be read as the answer to another client's request.
+
+Failures before the response headers become :class:`UpstreamError` (mapped to 502/504 by
+the caller); failures while streaming the body are raised from
+:meth:`UpstreamResponse.iter_body` so the server aborts the client connection instead of
+finishing a truncated body.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import http.client
+import re
+import ssl
+import typing as t
+from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
+from urllib.parse import urlsplit
+
+import requests
+import requests.certs
+from requests.adapters import HTTPAdapter
+from requests.hooks import default_hooks
+from requests.models import PreparedRequest
+from requests.utils import get_environ_proxies
+from urllib3 import HTTPHeaderDict
+from urllib3.connection import HTTPConnection
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.connectionpool import HTTPSConnectionPool
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util import SKIP_HEADER
+from urllib3.util.ssl_ import create_urllib3_context
+
+from .headers import filter_response_headers
+
+if t.TYPE_CHECKING:
+    from urllib3.response import BaseHTTPResponse
+
+#: Socket read timeout once the response headers are in. ``--upstream-timeout`` bounds the
+#: wait for the headers; after that a body may legitimately be idle for much longer (an
+#: event stream whose events are minutes apart, a slow report download). It is per read,
+#: not total: a stream lives as long as bytes keep coming. Five minutes is above common
+#: SSE heartbeat intervals and load-balancer idle timeouts (AWS ALB: 60 s by default),
+#: and still frees the thread of a stalled upstream, and notices a client that left
+#: during the silence, in bounded time.
+BODY_IDLE_TIMEOUT_S = 300.0
+#: How many upstream host pools one session keeps (LRU). Pinned mode uses one; header
+#: mode evicts the least recently used host's idle connections past this.
+MAX_UPSTREAM_POOLS = 10
+#: More interim (1xx) responses than this before the final one is an upstream fault
+#: (Go's net/http stops at 5 too).
+MAX_INTERIM_RESPONSES = 5
+#: Default size of one read from the upstream body: an upper bound, read1 returns what
+#: one recv gave.
+BODY_CHUNK_BYTES = 65536
+
+# A request target as gunicorn accepts it (RFC 9112 3.2: printable ASCII, origin-form).
+_ORIGIN_FORM_RE = re.compile(r"/[\x21-\x7e]*\Z")
+
+# The exact bytes of the request target of the request being sent by this thread
+# (origin-form, or absolute-form towards a forward proxy). Set only around
+# _ProxyAdapter.send; connections of other sessions never see it.
+_WIRE_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("jwt_proxy_wire_target", default=None)
+
+
+class UpstreamError(Exception):
+    """The upstream exchange failed; ``status`` is what the client should get.
+
+    ``error_type`` is the ``error_type`` metric label: ``timeout``,
+    ``connection_refused`` or ``unknown``. The message names the upstream host and the
+    underlying error, never a query string or a header value.
+    """
+
+    status: int = 502
+
+    def __init__(self, message: str, *, error_type: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class UpstreamTimeout(UpstreamError):
+    """No response headers (or no connection) within ``timeout_s``; or, raised from
+    :meth:`UpstreamResponse.iter_body`, a body idle for :data:`BODY_IDLE_TIMEOUT_S`."""
+
+    status = 504
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Connection refused, DNS or TLS failure, or the connection broke (before the
+    headers when raised by :func:`send`, mid-body when raised by ``iter_body``)."""
+
+    status = 502
+
+
+class RequestBodyError(Exception):
+    """The client's request body could not be read to its end (the client left, or sent
+    fewer bytes than its ``Content-Length``). Not an upstream failure: the upstream
+    connection is closed, and the client is most likely gone (400 if it is not)."""
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """What to send upstream, already routed and filtered by the caller.
+
+    ``target`` is the raw path and query (``RAW_URI``), starting with ``/``; ``headers``
+    are the final lines, ``Host``/``Authorization``/``X-Forwarded-For`` included, and any
+    ``Content-Length``/``Transfer-Encoding`` among them is ignored: framing follows
+    ``body``/``content_length`` (a length means exactly that many bytes, ``None`` with a
+    body means chunked). ``body`` is read in bounded pieces, never whole.
+    """
+
+    method: str
+    base_url: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: t.IO[bytes] | None = None
+    content_length: int | None = None
+
+
+class UpstreamResponse:
+    """The upstream's status and header lines, and a generator over its body bytes.
+
+    ``headers`` are the raw header lines minus hop-by-hop ones (duplicates, case and
+    ``Content-Encoding``/``Content-Length`` kept). Call :meth:`close` when done: a body
+    read to its end gives the connection back to the pool, anything else closes it.
+    """
+
+    def __init__(self, raw: BaseHTTPResponse, *, method: str, host: str) -> None:
+        self.status: int = raw.status
+        self.reason: str = raw.reason or ""
+        self.headers: list[tuple[str, str]] = filter_response_headers(raw.headers.items())
+        self._raw = raw
+        self._host = host
+        status = self.status
+        # RFC 9110 6.4.1: these never have a body, whatever their headers say.
+        self._has_body = not (method == "HEAD" or status in (204, 304) or 100 <= status < 200)
+        # Reusable without reading: nothing may follow on the socket. A 101 hands the
+        # socket to another protocol; a 204/304 claiming chunked is not to be trusted.
+        framed = any(name.lower() == "transfer-encoding" for name, _ in raw.headers.items())
+        self._complete = not self._has_body and (method == "HEAD" or (status != 101 and not framed))
+        self._closed = False
+
+    def iter_body(self, chunk_size: int = BODY_CHUNK_BYTES) -> t.Iterator[bytes]:
+        """Yield the body as it arrives, undecoded (gzip stays gzip), one recv at a time.
+
+        Nothing is read for HEAD, 1xx, 204 and 304. A broken or stalled body raises
+        :class:`UpstreamUnavailable` / :class:`UpstreamTimeout` instead of ending early, so
+        the server drops the client connection rather than finishing a truncated body.
+        The connection is released (or closed) when the generator ends or is closed.
+        """
+        try:
+            if not self._has_body or self._closed:
+                return
+            while True:
+                error = None
+                try:
+                    data = self._raw.read1(chunk_size, decode_content=False)
+                except (Urllib3Error, OSError, http.client.HTTPException) as exc:
+                    error = _upstream_error(exc, self._host, "the response body")
+                if error is not None:
+                    raise error
+                if not data:
+                    self._complete = True
+                    return
+                yield data
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Give the connection back if the body was read to its end, else close it.
+
+        Idempotent. An unread or partly read body stays in the socket, and the next
+        request on that connection would read it as its own response, so such a
+        connection is closed, never pooled.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        raw = self._raw
+        if self._complete:
+            # No socket I/O here: the body is empty by protocol or already read; this only
+            # marks the http.client response done so the connection can serve again.
+            raw.drain_conn()
+        else:
+            raw.close()
+        raw.release_conn()
+
+    def __enter__(self) -> UpstreamResponse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_session(*, pool_maxsize: int, ca_file: str | None = None) -> requests.Session:
+    """A session for :func:`send`, one per worker process (P6/P8/P9/P10/P19).
+
+    ``pool_maxsize`` is the number of kept-alive connections per upstream host (the
+    worker's thread count); more concurrent requests still proceed, their connections
+    are just not kept. ``ca_file`` is a PEM bundle trusted *in addition to* the default
+    roots, see :func:`make_ssl_context`. Verification is never off.
+    """
+    if pool_maxsize < 1:
+        raise ValueError(f"pool_maxsize must be >= 1, got {pool_maxsize}")
+    session = requests.Session()
+    # trust_env would read ~/.netrc (and send its password instead of our token), and
+    # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE; proxies from the environment are resolved per
+    # request in send() instead.
+    session.trust_env = False
+    session.headers.clear()
+    # One jar for every client of the worker would hand one client's cookies to the next.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    session.verify = True
+    adapter = _ProxyAdapter(pool_maxsize=pool_maxsize, ssl_context=make_ssl_context(ca_file))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def make_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """The TLS client context for every upstream: default roots plus ``ca_file``.
+
+    Default roots are the system store (OpenSSL's default paths, so a corporate CA added
+    with ``update-ca-certificates`` works, and ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are
+    honoured) and requests' certifi bundle (so a host with an empty system store behaves
+    like plain requests). ``ca_file`` adds to them and never replaces them: a private CA
+    for one upstream must not cost the public ones. Certificates and host names are
+    always verified (urllib3's defaults: TLS 1.2 minimum). Loaded once per session, not
+    per connection.
+    """
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    context.check_hostname = True
+    context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    context.load_verify_locations(cafile=requests.certs.where())
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: float) -> UpstreamResponse:
+    """Send ``request`` and return once the upstream's response headers are in.
+
+    ``timeout_s`` bounds the connection and each wait for the response headers; the body
+    then has :data:`BODY_IDLE_TIMEOUT_S` between reads. Proxies come from
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` at each call. Raises
+    :class:`UpstreamTimeout`, :class:`UpstreamUnavailable`, :class:`RequestBodyError`,
+    or ``ValueError`` for a request the caller should not have built (a target that is
+    not origin-form printable ASCII, a length without a body).
+    """
+    if not _ORIGIN_FORM_RE.match(request.target):
+        raise ValueError("request target must be origin-form printable ASCII (starting with '/')")
+    adapter = session.get_adapter(request.base_url + request.target)
+    if not isinstance(adapter, _ProxyAdapter):
+        raise TypeError("send() needs a session from make_session()")
+    host = urlsplit(request.base_url).netloc
+    prepared = _prepare(request)
+    proxies = get_environ_proxies(prepared.url)
+    try:
+        response = adapter.send(
+            prepared, stream=True, timeout=(timeout_s, timeout_s), verify=True, cert=None, proxies=proxies
+        )
+    except RequestBodyError:
+        raise
+    except (requests.RequestException, Urllib3Error, OSError, http.client.HTTPException) as exc:
+        error = _upstream_error(exc, host, f"response headers (timeout {timeout_s:g}s)")
+    else:
+        return UpstreamResponse(response.raw, method=request.method, host=host)
+    # Raised outside the except block so that neither __cause__ nor __context__ holds
+    # requests' exception, whose message has the full URL, query string included.
+    raise error
+
+
+# -- request building --------------------------------------------------------------------
+
+
+class _RawPreparedRequest(PreparedRequest):
+    """A PreparedRequest built by hand: ``prepare()`` would normalise the URL, and
+    ``path_url`` drops a trailing ``?``. ``url`` (``base_url + target``, unnormalised)
+    only selects the pool and the proxy, since the target starts with ``/`` it cannot
+    change the host; the bytes on the wire come from ``raw_target``."""
+
+    raw_target: str
+    base_url: str
+
+
+def _prepare(request: UpstreamRequest) -> _RawPreparedRequest:
+    headers = HTTPHeaderDict()
+    for name, value in request.headers:
+        if name.lower() not in ("content-length", "transfer-encoding"):
+            headers.add(name, value)
+    # Without these, urllib3 adds "User-Agent: python-urllib3/..." and http.client adds
+    # "Accept-Encoding: identity" (P19).
+    for name in ("User-Agent", "Accept-Encoding"):
+        if name not in headers:
+            headers[name] = SKIP_HEADER
+    body: _ExactBody | _StreamBody | None = None
+    length = request.content_length
+    if length is not None:
+        if length < 0:
+            raise ValueError(f"content_length must be >= 0, got {length}")
+        if length and request.body is None:
+            raise ValueError("content_length given without a body")
+        headers["Content-Length"] = str(length)
+        if length:
+            body = _ExactBody(request.body, length)  # type: ignore[arg-type]
+    elif request.body is not None:
+        body = _StreamBody(request.body)  # requests' adapter sends it chunked
+    prepared = _RawPreparedRequest()
+    prepared.method = request.method
+    prepared.url = request.base_url + request.target
+    prepared.headers = headers  # type: ignore[assignment]
+    prepared.body = body  # type: ignore[assignment]
+    prepared.hooks = default_hooks()
+    prepared.raw_target = request.target
+    prepared.base_url = request.base_url
+    return prepared
+
+
+class _ExactBody:
+    """The client's body, exactly ``length`` bytes of it, in the pieces urllib3 asks for.
+
+    Never reads past ``length`` (the next bytes on the client socket are not ours) and
+    raises if the client stops short: a short body under a ``Content-Length`` would leave
+    the upstream waiting and the connection unusable.
+    """
+
+    def __init__(self, stream: t.IO[bytes], length: int) -> None:
+        self._stream = stream
+        self._length = length
+        self._remaining = length
+
+    def read(self, size: int = -1) -> bytes:
+        if self._remaining <= 0:
+            return b""
+        want = self._remaining if size is None or size < 0 else min(size, self._remaining)
+        data = _read_client(self._stream, want)
+        if not data:
+            sent = self._length - self._remaining
+            raise RequestBodyError(f"request body ended after {sent} of {self._length} bytes")
+        if len(data) > want:
+            raise RequestBodyError("request body stream returned more bytes than asked for")
+        self._remaining -= len(data)
+        return data
+
+
+class _StreamBody:
+    """A chunked client body: read in pieces until the stream ends."""
+
+    def __init__(self, stream: t.IO[bytes]) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        return _read_client(self._stream, size)
+
+
+def _read_client(stream: t.IO[bytes], size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except Exception as exc:  # gunicorn's readers raise their own types when a client leaves
+        raise RequestBodyError(f"reading the request body failed: {type(exc).__name__}") from exc
+
+
+# -- transport -----------------------------------------------------------------------------
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """Skips interim responses other than 100 (which ``begin`` skips) and 101."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            version, status, reason = super()._read_status()
+            if not 100 < status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim response's header block
+        raise http.client.HTTPException(f"more than {MAX_INTERIM_RESPONSES} interim responses")
+
+
+class _RawTargetConnection(HTTPConnection):
+    """Puts the raw target on the request line and sets the body idle timeout.
+
+    urllib3's ``urlopen`` has already re-encoded the target it passes down; the exact one
+    is in :data:`_WIRE_TARGET`, set by :meth:`_ProxyAdapter.send` for this very call.
+    ``http.client`` still refuses control characters and spaces in it.
+    """
+
+    response_class = _FinalResponse
+
+    def putrequest(
+        self, method: str, url: str, skip_host: bool = False, skip_accept_encoding: bool = False
+    ) -> None:
+        wire = _WIRE_TARGET.get()
+        super().putrequest(
+            method, url if wire is None else wire, skip_host=skip_host, skip_accept_encoding=skip_accept_encoding
+        )
+
+    def getresponse(self):  # type: ignore[no-untyped-def]
+        # Taken before: http.client drops self.sock when the response says
+        # "Connection: close", and such a body (read until close) must get the long
+        # timeout too. The next request on a kept connection resets the timeout.
+        sock = self.sock
+        response = super().getresponse()
+        settimeout = getattr(sock, "settimeout", None)
+        if settimeout is not None:
+            settimeout(BODY_IDLE_TIMEOUT_S)
+        return response
+
+
+class _RawTargetHTTPSConnection(_RawTargetConnection, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _RawTargetConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _RawTargetHTTPSConnection
+
+
+_POOL_CLASSES = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _ProxyAdapter(HTTPAdapter):
+    """requests' adapter with our pools, our TLS context and the raw request target."""
+
+    def __init__(self, *, pool_maxsize: int, ssl_context: ssl.SSLContext) -> None:
+        self._ssl_context = ssl_context
+        # max_retries=0: a streamed body cannot be replayed. pool_block stays False:
+        # requests passes no pool timeout, so a blocked pool would wait forever.
+        super().__init__(pool_connections=MAX_UPSTREAM_POOLS, pool_maxsize=pool_maxsize, max_retries=0)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: t.Any) -> None:
+        pool_kwargs["ssl_context"] = self._ssl_context
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: t.Any) -> t.Any:
+        if proxy.lower().startswith("socks"):
+            # SOCKS pools are their own classes (and need PySocks); ours would bypass the
+            # proxy. Such requests keep urllib3's target encoding.
+            return super().proxy_manager_for(proxy, **proxy_kwargs)
+        if proxy not in self.proxy_manager:
+            proxy_kwargs["ssl_context"] = self._ssl_context  # for the upstream, inside the tunnel
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOL_CLASSES
+        return manager
+
+    def cert_verify(self, conn: t.Any, url: str, verify: t.Any, cert: t.Any) -> None:
+        # The trust store is self._ssl_context. requests would set ca_certs (certifi) on
+        # the pool, and urllib3 would then reload that file into the shared context at
+        # every new connection.
+        if url.lower().startswith("https"):
+            conn.cert_reqs = "CERT_REQUIRED"
+            conn.ca_certs = None
+            conn.ca_cert_dir = None
+
+    def request_url(self, request: PreparedRequest, proxies: dict[str, str] | None) -> str:
+        url = super().request_url(request, proxies)
+        raw = getattr(request, "raw_target", None)
+        if raw is None:
+            return url
+        # super() gives the path for a direct or tunnelled request, the absolute URL for a
+        # plain-http upstream behind a forward proxy.
+        return raw if url.startswith("/") else request.base_url + raw  # type: ignore[attr-defined]
+
+    def send(
+        self,
+        request: PreparedRequest,
+        stream: bool = False,
+        timeout: t.Any = None,
+        verify: t.Any = True,
+        cert: t.Any = None,
+        proxies: dict[str, str] | None = None,
+    ) -> requests.Response:
+        wire = self.request_url(request, proxies) if hasattr(request, "raw_target") else None
+        token = _WIRE_TARGET.set(wire)
+        try:
+            return super().send(request, stream=stream, timeout=timeout, verify=True, cert=None, proxies=proxies)
+        finally:
+            _WIRE_TARGET.reset(token)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def _exception_chain(exc: BaseException, limit: int = 32) -> list[BaseException]:
+    """``exc`` and what it wraps (``reason``, ``args``, ``__cause__``, ``__context__``),
+    breadth first: requests wraps urllib3 which wraps the socket error."""
+    seen: list[BaseException] = []
+    queue = [exc]
+    while queue and len(seen) < limit:
+        current = queue.pop(0)
+        if any(current is known for known in seen):
+            continue
+        seen.append(current)
+        nested = [getattr(current, "reason", None), current.__cause__, current.__context__, *current.args]
+        queue.extend(item for item in nested if isinstance(item, BaseException))
+    return seen
+
+
+def _upstream_error(exc: BaseException, host: str, waiting_for: str) -> UpstreamError:
+    """Classify ``exc`` and describe it without the URL (requests' and urllib3's messages
+    carry the full target, query string included)."""
+    chain = _exception_chain(exc)
+    # The innermost errors from the standard library (socket, ssl, http.client) say what
+    # happened and never carry the target.
+    stdlib = [e for e in chain if type(e).__module__.split(".")[0] in ("builtins", "socket", "ssl", "http")]
+    detail = f"{type(stdlib[-1]).__name__}: {stdlib[-1]}" if stdlib else type(chain[-1]).__name__
+    if any(_is_timeout(e) for e in chain):
+        return UpstreamTimeout(f"upstream {host}: timed out waiting for {waiting_for} ({detail})", error_type="timeout")
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return UpstreamUnavailable(f"upstream {host}: connection refused ({detail})", error_type="connection_refused")
+    return UpstreamUnavailable(f"upstream {host}: failed while waiting for {waiting_for} ({detail})", error_type="unknown")
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # urllib3 2.x makes NewConnectionError (refused, DNS) a subclass of its TimeoutError.
+    if isinstance(exc, NewConnectionError):
+        return False
+    return isinstance(exc, (TimeoutError, Urllib3Timeout, requests.exceptions.Timeout))
