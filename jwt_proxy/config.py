@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import typing as t
+import unicodedata
 
 from .routing import Authority
 from .routing import parse_authority
@@ -24,6 +26,14 @@ MIN_TOKEN_DURATION_S = 60
 MAX_TOKEN_DURATION_S = 3600
 MAX_AUDIENCES = 10
 MAX_AUDIENCE_CHARS = 1000
+MAX_SCOPE_CHARS = 256
+MAX_TAGS = 50
+MAX_TAG_KEY_CHARS = 128
+MAX_TAG_VALUE_CHARS = 256
+# Scope values: printable ASCII except space, '"', ',' and '\' (STS's Scope pattern).
+_SCOPE = re.compile(r"[\x21\x23-\x2B\x2D-\x5B\x5D-\x7E]+( [\x21\x23-\x2B\x2D-\x5B\x5D-\x7E]+)*")
+# Tag keys and values: letters, separators, numbers and _.:/=+-@ (STS's \p{L}\p{Z}\p{N} pattern).
+_TAG_PUNCTUATION = frozenset("_.:/=+-@")
 
 SIGNING_ALGORITHMS = ("RS256", "ES384")
 SUBJECT_MODES = ("AWSIdentity", "OriginIdentity")
@@ -287,12 +297,15 @@ class Config:
         subject_mode = None
         if token_subject_mode:
             subject_mode = _choice("--token-subject-mode", token_subject_mode, SUBJECT_MODES)
-        scope = token_scope or None
+        scope = _parse_scope(token_scope, subject_mode, normalized) if token_scope else None
         tags = _parse_tags(token_tag)
 
         if bool(tls_cert) != bool(tls_key):
             flag = "--tls-key" if tls_cert else "--tls-cert"
             raise ConfigError(flag, "", "set both --tls-cert and --tls-key, or neither")
+        for flag, path in (("--upstream-ca-file", upstream_ca_file), ("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(flag, path, "a readable PEM file")
 
         level = _choice("--log-level", log_level.lower(), LOG_LEVELS)
         fmt = _choice("--log-format", log_format.lower(), LOG_FORMATS)
@@ -358,11 +371,49 @@ def _at_least_one(flag: str, text: str) -> int:
     return int(text)
 
 
+def _parse_scope(scope: str, subject_mode: str | None, audiences: tuple[str, ...]) -> str:
+    """Check ``--token-scope`` by STS's rules, so that a bad one fails at start, not per request.
+
+    With no configured audience every request derives exactly one, which STS accepts.
+    """
+    if not 1 <= len(scope) <= MAX_SCOPE_CHARS or not _SCOPE.fullmatch(scope):
+        raise ConfigError(
+            "--token-scope",
+            scope,
+            f"space-separated values of printable ASCII without '\"', ',' or '\\', at most {MAX_SCOPE_CHARS} characters",
+        )
+    values = scope.split(" ")
+    if len(set(values)) != len(values):
+        raise ConfigError("--token-scope", scope, "no scope value may repeat")
+    if subject_mode != "OriginIdentity":
+        raise ConfigError("--token-scope", scope, "needs --token-subject-mode=OriginIdentity")
+    if len(audiences) > 1:
+        raise ConfigError("--token-scope", scope, "needs exactly one --token-audience")
+    return scope
+
+
+def _is_tag_text(text: str) -> bool:
+    return all(c in _TAG_PUNCTUATION or unicodedata.category(c)[0] in "LZN" for c in text)
+
+
 def _parse_tags(values: Iterable[str]) -> tuple[tuple[str, str], ...]:
     tags = []
     for item in split_list(values):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError("--token-tag", item, "use KEY=VALUE")
+        if len(key) > MAX_TAG_KEY_CHARS or not _is_tag_text(key):
+            raise ConfigError(
+                "--token-tag", item, f"keys are 1 to {MAX_TAG_KEY_CHARS} letters, digits, spaces or _.:/=+-@"
+            )
+        if len(value) > MAX_TAG_VALUE_CHARS or not _is_tag_text(value):
+            raise ConfigError(
+                "--token-tag", item, f"values are at most {MAX_TAG_VALUE_CHARS} letters, digits, spaces or _.:/=+-@"
+            )
         tags.append((key, value))
+    if len(tags) > MAX_TAGS:
+        raise ConfigError("--token-tag", f"{len(tags)} tags", f"at most {MAX_TAGS} tags")
+    keys = [key.lower() for key, _ in tags]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("--token-tag", ",".join(k for k, _ in tags), "each tag key at most once")
     return tuple(tags)

@@ -108,3 +108,60 @@ def test_bad_values_name_their_flag(options, flag):
 
 def test_log_level_any_case():
     assert Config.from_options(log_level="WARN").log_level == "warn"
+
+
+def test_scope_subject_mode_and_tags_pass_sts_rules():
+    config = Config.from_options(
+        token_scope="read:orders write", token_subject_mode="OriginIdentity", token_audience=["a"], token_tag=["team=payments", "env=prod eu"]
+    )
+    assert config.token_scope == "read:orders write"
+    assert config.token_tags == (("team", "payments"), ("env", "prod eu"))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"token_scope": "read", "token_audience": ["a"]},
+        {"token_scope": "read", "token_subject_mode": "AWSIdentity", "token_audience": ["a"]},
+        {"token_scope": "read", "token_subject_mode": "OriginIdentity", "token_audience": ["a,b"]},
+        {"token_scope": "read read", "token_subject_mode": "OriginIdentity"},
+        {"token_scope": "read,write", "token_subject_mode": "OriginIdentity"},
+        {"token_scope": "read  write", "token_subject_mode": "OriginIdentity"},
+        {"token_scope": "x" * 257, "token_subject_mode": "OriginIdentity"},
+    ],
+)
+def test_bad_scopes(options):
+    with pytest.raises(ConfigError) as info:
+        Config.from_options(**options)
+    assert info.value.flag == "--token-scope"
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        ["k=v!"],
+        ["k;=v"],
+        ["k" * 129 + "=v"],
+        ["k=" + "v" * 257],
+        [f"k{i}=v" for i in range(51)],
+        ["team=a", "TEAM=b"],
+    ],
+)
+def test_bad_tags(tags):
+    with pytest.raises(ConfigError) as info:
+        Config.from_options(token_tag=tags)
+    assert info.value.flag == "--token-tag"
+
+
+def test_fifty_tags_are_fine():
+    assert len(Config.from_options(token_tag=[f"k{i}=v" for i in range(50)]).token_tags) == 50
+
+
+@pytest.mark.parametrize("flag", ["upstream_ca_file", "tls_cert"])
+def test_unreadable_pem_files_are_refused_at_start(tmp_path, flag):
+    options = {flag: str(tmp_path / "missing.pem")}
+    if flag == "tls_cert":
+        options["tls_key"] = str(tmp_path / "key.pem")
+    with pytest.raises(ConfigError) as info:
+        Config.from_options(**options)
+    assert info.value.flag == "--" + flag.replace("_", "-")
