@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import typing as t
 
@@ -48,6 +49,7 @@ BODY_TOKEN_UNAVAILABLE = "token unavailable"
 BODY_UPSTREAM_UNAVAILABLE = "upstream unavailable"
 BODY_UPSTREAM_TIMEOUT = "upstream timeout"
 BODY_INTERNAL_ERROR = "internal error"
+BODY_BAD_REQUEST_BODY = "incomplete request body"
 
 
 class ProxyResponse(Response):
@@ -82,6 +84,46 @@ def make_token_store(config: Config) -> TokenStore:
         tags=config.token_tags,
     )
     return TokenStore(fetch, refresh_skew_s=config.token_refresh_skew_s)
+
+
+# Pre-warming retries a failed start-up fetch after these waits, doubling up to the cap.
+PREWARM_FIRST_RETRY_S = 1.0
+PREWARM_MAX_RETRY_S = 60.0
+
+
+def prewarm_in_background(tokens: TokenStore, audiences: tuple[str, ...], *, sleep=time.sleep) -> threading.Thread:
+    """Mint the configured audience set's token off the request path, when a worker starts.
+
+    The first request then finds a token instead of waiting for STS. A failure is
+    logged with its hint and retried with backoff until a token is minted; the worker
+    keeps serving meanwhile (its requests fetch on their own, within the failure memory).
+    """
+
+    def run() -> None:
+        wait_s = PREWARM_FIRST_RETRY_S
+        while True:
+            try:
+                tokens.prewarm(audiences)
+            except TokenUnavailable as exc:
+                log.error(
+                    "could not mint the token at worker start; retrying",
+                    extra={
+                        "audience": ",".join(exc.audiences),
+                        "error_class": exc.error_class,
+                        "error": exc.detail,
+                        "hint": exc.hint,
+                        "retry_in_s": wait_s,
+                    },
+                )
+                sleep(wait_s)
+                wait_s = min(wait_s * 2, PREWARM_MAX_RETRY_S)
+                continue
+            log.info("token minted at worker start", extra={"audience": ",".join(audiences), "pid": os.getpid()})
+            return
+
+    thread = threading.Thread(target=run, name="jwt-proxy-prewarm", daemon=True)
+    thread.start()
+    return thread
 
 
 class Proxy:
@@ -195,6 +237,11 @@ def _register_error_handlers(app: Flask) -> None:
         )
         return _plain(exc.status, BODY_UPSTREAM_TIMEOUT if exc.status == 504 else BODY_UPSTREAM_UNAVAILABLE)
 
+    @app.errorhandler(forward.RequestBodyError)
+    def request_body_error(exc: forward.RequestBodyError):
+        log.warning("request body not received", extra={"target": g.get("target", ""), "error": str(exc)})
+        return _plain(400, BODY_BAD_REQUEST_BODY)
+
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         log.exception("unexpected error", extra={"target": g.get("target", "")})
@@ -210,6 +257,8 @@ def create_app(
     if session is None:
         session = forward.make_session(pool_maxsize=config.threads, ca_file=config.upstream_ca_file)
     log.debug("worker ready", extra={"pid": os.getpid()})
+    if config.token_audiences:
+        prewarm_in_background(tokens, config.token_audiences)
 
     app = Flask("jwt_proxy")
     app.url_map.converters["anypath"] = _AnyPathConverter
