@@ -242,6 +242,123 @@ def demo(listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metr
     )
 
 
+@root.command("token")
+@click.option(
+    "--audience",
+    "audience",
+    multiple=True,
+    required=True,
+    help="Audience of the token; repeatable and comma-separated (sorted and de-duplicated, as the proxy does).",
+)
+@click.option("--decode", is_flag=True, help="Print the token's header and claims as JSON (signature not verified).")
+@click.pass_context
+def token_command(ctx: click.Context, audience: tuple[str, ...], decode: bool) -> None:
+    """Mint one token with the proxy's settings and credentials, and print it.
+
+    The proxy's options go before the subcommand, as for the proxy itself:
+
+    \b
+        jwt-proxy --token-duration 10m token --audience https://api.example.com
+
+    On failure: exit status 1 and the AWS error code, with a hint, on stderr.
+    """
+    import json
+
+    import jwt
+
+    from .sts import make_fetch
+    from .sts import make_sts_client
+    from .tokens import TokenUnavailable
+
+    def fail(error_class: str, detail: str, hint: str) -> t.NoReturn:
+        detail = " ".join(detail.split())
+        click.echo(f"{PROG}: error: {error_class}" + (f": {detail}" if detail else ""), err=True)
+        if hint:
+            click.echo(f"hint: {hint}", err=True)
+        ctx.exit(1)
+
+    try:  # the --audience values by --token-audience's rules, named as --audience
+        Config.from_options(token_audience=audience)
+    except ConfigError as exc:
+        raise click.UsageError(str(ConfigError("--audience", exc.value, exc.allowed))) from None
+    # --token-scope is checked against the audiences this token is for.
+    config = build_config({**ctx.parent.params, "token_audience": audience})
+    try:
+        client = make_sts_client(config.region, timeout_s=config.upstream_timeout_s)
+    except Exception as exc:  # e.g. botocore's InvalidRegionError
+        raise click.UsageError(f"AWS configuration: {exc}") from None
+    fetch = make_fetch(
+        client,
+        signing_algorithm=config.token_signing_algorithm,
+        duration_s=config.token_duration_s,
+        scope=config.token_scope,
+        subject_mode=config.token_subject_mode,
+        tags=config.token_tags,
+    )
+    try:
+        minted = fetch(config.token_audiences)
+    except TokenUnavailable as exc:
+        fail(exc.error_class, exc.detail, exc.hint)
+    except Exception as exc:  # only the class name: the message of a bug could hold anything
+        fail("internal", type(exc).__name__, "the token fetch failed unexpectedly: report it with this line")
+    if not decode:
+        click.echo(minted.value)
+        return
+    try:
+        header = jwt.get_unverified_header(minted.value)
+        claims = jwt.decode(minted.value, options={"verify_signature": False})
+    except jwt.InvalidTokenError as exc:
+        fail(
+            "InvalidToken",
+            f"STS returned a token that is not a readable JWT: {exc}",
+            "check that AWS_ENDPOINT_URL_STS, if set, points at STS or jwt-proxy local-sts",
+        )
+    click.echo(json.dumps({"header": header, "claims": claims}, indent=2))
+
+
+@root.command("doctor")
+@click.option("--offline", is_flag=True, help="Skip the signature check (no request to the token's issuer).")
+@click.option(
+    "--audience",
+    "audience",
+    multiple=True,
+    help="Check this audience set instead of --token-audience (repeatable, comma-separated).",
+)
+@click.pass_context
+def doctor_command(ctx: click.Context, offline: bool, audience: tuple[str, ...]) -> None:
+    """Check the AWS side: region, credentials, a token, its claims and its signature.
+
+    One line per check (PASS, FAIL with a hint, or SKIP when an earlier check failed);
+    exit status 1 if any check fails. Uses the proxy's options, given before the
+    subcommand:
+
+    \b
+        jwt-proxy --token-audience https://api.example.com doctor
+    """
+    from .doctor import run_checks
+
+    params = dict(ctx.parent.params)
+    if audience:
+        try:  # the --audience values by --token-audience's rules, named as --audience
+            Config.from_options(token_audience=audience)
+        except ConfigError as exc:
+            raise click.UsageError(str(ConfigError("--audience", exc.value, exc.allowed))) from None
+        params["token_audience"] = audience
+    # build_config's validation without its region lookup: a missing region is the
+    # first check's FAIL here, not a usage error.
+    try:
+        config = Config.from_options(**params)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    failed = False
+    for check in run_checks(config, offline=offline):
+        for line in check.lines():
+            click.echo(line)
+        failed = failed or check.failed
+    if failed:
+        ctx.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; click's errors become one line on stderr and exit status 2."""
     try:
