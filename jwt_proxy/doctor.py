@@ -13,9 +13,8 @@ A check that needs the outcome of a failed one is reported ``SKIP``. Everything 
 a plain function returning :class:`Check` objects; the CLI only prints them, so each
 check is testable without a command line. A token is never put in a :class:`Check`.
 
-This is a development and operations tool, never on the proxy's request path. The
-boto3 client comes from :mod:`jwt_proxy.sts`; botocore's exception classes are imported
-here only to name the ``GetCallerIdentity`` failure, which ``sts`` has no helper for.
+This is a development and operations tool, never on the proxy's request path. Every
+AWS call and its error classification go through :mod:`jwt_proxy.sts`.
 """
 
 from __future__ import annotations
@@ -31,13 +30,11 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-import botocore.exceptions
 import jwt
 
 from .routing import Upstream
 from .sts import HINTS
-from .sts import NO_CREDENTIALS_ERROR_CLASS
-from .sts import TRANSPORT_ERROR_CLASS
+from .sts import caller_identity
 from .sts import hint_for
 from .sts import make_fetch
 from .sts import make_sts_client
@@ -200,7 +197,7 @@ def check_region(*, timeout_s: float, environ: Mapping[str, str] = os.environ) -
         return Check(REGION, FAIL, "no AWS region found", NO_REGION_HINT), None
     try:
         client = make_sts_client(region, timeout_s=timeout_s)
-    except (ValueError, botocore.exceptions.BotoCoreError) as exc:  # InvalidRegionError is both
+    except ValueError as exc:  # botocore.exceptions.InvalidRegionError is a ValueError
         return Check(REGION, FAIL, f"{region}: {exc}", BAD_REGION_HINT), None
     endpoint = client.meta.endpoint_url
     ok, kind = classify_endpoint(region, endpoint, environ)
@@ -216,21 +213,9 @@ def check_region(*, timeout_s: float, environ: Mapping[str, str] = os.environ) -
 def check_credentials(client: BaseClient) -> Check:
     """``GetCallerIdentity`` on ``client``: who the proxy will be to STS."""
     try:
-        identity = client.get_caller_identity()
-    except botocore.exceptions.ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = error.get("Code", "") or "Unknown"
-        return Check(CREDENTIALS, FAIL, f"{code}: {error.get('Message', '')}", hint_for(code))
-    except (
-        botocore.exceptions.NoCredentialsError,
-        botocore.exceptions.PartialCredentialsError,
-        botocore.exceptions.CredentialRetrievalError,
-    ) as exc:
-        return Check(
-            CREDENTIALS, FAIL, f"{NO_CREDENTIALS_ERROR_CLASS}: {exc}", hint_for(NO_CREDENTIALS_ERROR_CLASS)
-        )
-    except botocore.exceptions.BotoCoreError as exc:  # connection, timeout, ...
-        return Check(CREDENTIALS, FAIL, f"{TRANSPORT_ERROR_CLASS}: {exc}", hint_for(TRANSPORT_ERROR_CLASS))
+        identity = caller_identity(client)
+    except TokenUnavailable as exc:
+        return Check(CREDENTIALS, FAIL, f"{exc.error_class}: {exc.detail}", exc.hint)
     return Check(CREDENTIALS, PASS, f"{identity.get('Arn')} (account {identity.get('Account')})")
 
 

@@ -316,23 +316,43 @@ def make_fetch(
                     },
                 )
                 return call(audiences, shorter_s)
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _unavailable(audiences, *classify_error(exc)) from exc
         except botocore.exceptions.ClientError as exc:
-            code = _error_code(exc)
-            message = exc.response.get("Error", {}).get("Message", "")
-            raise _unavailable(audiences, code, message) from exc
-        except (
+            raise _unavailable(audiences, *classify_error(exc)) from exc
+
+    return fetch
+
+
+def classify_error(exc: botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError) -> tuple[str, str]:
+    """``(error_class, detail)`` of a failed STS call: the AWS error code and its message,
+    ``"NoCredentials"``, ``"ValidationError"`` (refused by botocore before sending), or
+    ``"transport"`` (connection, timeout or any other botocore error)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return _error_code(exc), exc.response.get("Error", {}).get("Message", "")
+    if isinstance(
+        exc,
+        (
             botocore.exceptions.NoCredentialsError,
             botocore.exceptions.PartialCredentialsError,
             botocore.exceptions.CredentialRetrievalError,
-        ) as exc:
-            raise _unavailable(audiences, NO_CREDENTIALS_ERROR_CLASS, str(exc)) from exc
-        except botocore.exceptions.ParamValidationError as exc:
-            raise _unavailable(audiences, VALIDATION_ERROR_CLASS, str(exc)) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ...
-            raise _unavailable(audiences, TRANSPORT_ERROR_CLASS, str(exc)) from exc
+        ),
+    ):
+        return NO_CREDENTIALS_ERROR_CLASS, str(exc)
+    if isinstance(exc, botocore.exceptions.ParamValidationError):
+        return VALIDATION_ERROR_CLASS, str(exc)
+    return TRANSPORT_ERROR_CLASS, str(exc)  # EndpointConnectionError, ConnectTimeoutError, ...
 
-    return fetch
+
+def caller_identity(client: BaseClient) -> dict[str, str]:
+    """``GetCallerIdentity`` on ``client``: who the proxy is to STS (for ``doctor``).
+
+    :raises TokenUnavailable: with the error class and hint of :func:`classify_error`.
+    """
+    try:
+        return client.get_caller_identity()
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise _unavailable((), *classify_error(exc)) from exc
 
 
 def _error_code(exc: botocore.exceptions.ClientError) -> str:
