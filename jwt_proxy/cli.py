@@ -145,9 +145,16 @@ def root(ctx: click.Context, **params: t.Any) -> None:
     if ctx.invoked_subcommand is not None:
         return
     config = build_config(params)
+    # Imports gunicorn, not prometheus_client: the multiprocess directory must be settled
+    # before anything imports that (its mode is chosen at import).
     from . import server
 
-    server.run(config)
+    if config.metrics_enabled:
+        server.use_private_multiproc_dir()
+    try:
+        server.run(config)
+    finally:
+        server.remove_private_multiproc_dir()
 
 
 @root.command()

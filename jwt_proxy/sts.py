@@ -225,6 +225,21 @@ def make_sts_client(region: str, *, timeout_s: float) -> BaseClient:
     return session.client("sts", region_name=region, config=config)
 
 
+def credentials_resolve(client: BaseClient) -> bool:
+    """Whether the client has AWS credentials to sign with (no network call; for /readyz).
+
+    botocore resolves the credential chain when the client is made; refreshable ones
+    (role, SSO) are refreshed here if they are due, and a failure reads as ``False``.
+    Uses the same private accessor as :func:`credentials_expiry`, for the same reason.
+    """
+    get_credentials = getattr(client, "_get_credentials", None)
+    try:
+        credentials = get_credentials() if callable(get_credentials) else None
+        return credentials is not None and bool(credentials.get_frozen_credentials().access_key)
+    except Exception:
+        return False
+
+
 def credentials_expiry(client: BaseClient) -> float | None:
     """When the client's AWS session ends (epoch seconds), if botocore knows.
 

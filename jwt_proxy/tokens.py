@@ -216,6 +216,10 @@ class TokenStore:
     :param clock: epoch seconds; wall-clock because ``Expiration`` is absolute.
     :param failure_backoff_s: how long a failed fetch is remembered.
     :param spawn: runs a background refresh; defaults to a daemon thread.
+    :param on_lookup: told of every :meth:`get` as ``on_lookup(audiences, hit)``:
+        ``hit`` is true when a cached token was served without waiting, false when the
+        call waited for a fetch or met a remembered failure. Called on the request
+        thread, so it must be cheap and must not raise (the metrics' cache counters).
     """
 
     def __init__(
@@ -226,6 +230,7 @@ class TokenStore:
         clock: t.Callable[[], float] = time.time,
         failure_backoff_s: float = DEFAULT_FAILURE_BACKOFF_S,
         spawn: t.Callable[[t.Callable[[], None]], None] = _start_daemon_thread,
+        on_lookup: t.Callable[[AudienceSet, bool], None] | None = None,
     ) -> None:
         if not refresh_skew_s > 0:
             raise ValueError(f"refresh_skew_s must be > 0, got {refresh_skew_s!r}")
@@ -234,6 +239,7 @@ class TokenStore:
         self._fetch = fetch
         self._clock = clock
         self._spawn = spawn
+        self._on_lookup = on_lookup
         # Refresh while more than this is left, but never block a request.
         self._advisory_s = float(refresh_skew_s)
         # At or below this much left, requests wait for a fresh token.
@@ -263,10 +269,16 @@ class TokenStore:
         if token is not None:
             remaining = token.expires_at - now
             if remaining > self._advisory_s:
+                if self._on_lookup is not None:
+                    self._on_lookup(key, True)
                 return token
             if remaining > self._mandatory_s:
                 self._refresh_in_background(key, slot, state, now)
+                if self._on_lookup is not None:
+                    self._on_lookup(key, True)
                 return token
+        if self._on_lookup is not None:
+            self._on_lookup(key, False)
         if state.failure is not None and now - state.failed_at < self._failure_backoff_s:
             raise state.failure.copy()
         return self._wait_for_fetch(key, slot, state.generation)
