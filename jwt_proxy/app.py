@@ -10,6 +10,7 @@ client.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -23,8 +24,12 @@ from flask import request
 from werkzeug.routing import BaseConverter
 
 from . import forward
+from . import sts
 from .headers import append_forwarded_for
 from .headers import filter_request_headers
+from .headers import request_framing_error
+from .routing import BODY_FORBIDDEN
+from .routing import DEFAULT_PORTS
 from .routing import RoutingError
 from .routing import choose_upstream
 from .routing import request_target
@@ -36,6 +41,8 @@ if t.TYPE_CHECKING:
     import requests
 
     from .config import Config
+    from .metrics import WorkerMetrics
+    from .routing import Upstream
 
 log = logging.getLogger("jwt_proxy.app")
 access_log = logging.getLogger("jwt_proxy.access")
@@ -70,11 +77,18 @@ def _plain(status: int, body: str) -> ProxyResponse:
     return ProxyResponse(body + "\n", status=status, content_type="text/plain; charset=utf-8")
 
 
-def make_token_store(config: Config) -> TokenStore:
-    """A worker's token store, fetching from the regional STS endpoint of ``config.region``."""
-    from . import sts
+def make_sts_client(config: Config) -> t.Any:
+    """A worker's STS client, for the regional endpoint of ``config.region``."""
+    return sts.make_sts_client(config.region, timeout_s=config.upstream_timeout_s)
 
-    client = sts.make_sts_client(config.region, timeout_s=config.upstream_timeout_s)
+
+def make_token_store(config: Config, *, client: t.Any = None, recorder: WorkerMetrics | None = None) -> TokenStore:
+    """A worker's token store, fetching from the regional STS endpoint of ``config.region``.
+
+    With a ``recorder``, every fetch and every lookup is recorded in the worker's metrics.
+    """
+    if client is None:
+        client = make_sts_client(config)
     fetch = sts.make_fetch(
         client,
         signing_algorithm=config.token_signing_algorithm,
@@ -83,7 +97,11 @@ def make_token_store(config: Config) -> TokenStore:
         subject_mode=config.token_subject_mode,
         tags=config.token_tags,
     )
-    return TokenStore(fetch, refresh_skew_s=config.token_refresh_skew_s)
+    if recorder is None:
+        return TokenStore(fetch, refresh_skew_s=config.token_refresh_skew_s)
+    return TokenStore(
+        recorder.instrument_fetch(fetch), refresh_skew_s=config.token_refresh_skew_s, on_lookup=recorder.token_lookup
+    )
 
 
 # Pre-warming retries a failed start-up fetch after these waits, doubling up to the cap.
@@ -91,12 +109,19 @@ PREWARM_FIRST_RETRY_S = 1.0
 PREWARM_MAX_RETRY_S = 60.0
 
 
-def prewarm_in_background(tokens: TokenStore, audiences: tuple[str, ...], *, sleep=time.sleep) -> threading.Thread:
+def prewarm_in_background(
+    tokens: TokenStore,
+    audiences: tuple[str, ...],
+    *,
+    sleep=time.sleep,
+    on_minted: t.Callable[[], None] | None = None,
+) -> threading.Thread:
     """Mint the configured audience set's token off the request path, when a worker starts.
 
     The first request then finds a token instead of waiting for STS. A failure is
     logged with its hint and retried with backoff until a token is minted; the worker
     keeps serving meanwhile (its requests fetch on their own, within the failure memory).
+    ``on_minted`` is called once the token is there (the worker is then ready).
     """
 
     def run() -> None:
@@ -119,6 +144,8 @@ def prewarm_in_background(tokens: TokenStore, audiences: tuple[str, ...], *, sle
                 wait_s = min(wait_s * 2, PREWARM_MAX_RETRY_S)
                 continue
             log.info("token minted at worker start", extra={"audience": ",".join(audiences), "pid": os.getpid()})
+            if on_minted is not None:
+                on_minted()
             return
 
     thread = threading.Thread(target=run, name="jwt-proxy-prewarm", daemon=True)
@@ -126,13 +153,41 @@ def prewarm_in_background(tokens: TokenStore, audiences: tuple[str, ...], *, sle
     return thread
 
 
+def await_credentials_in_background(
+    check: t.Callable[[], bool], on_ready: t.Callable[[], None], *, sleep=time.sleep
+) -> threading.Thread:
+    """Without configured audiences: call ``on_ready`` once ``check`` (credentials) passes.
+
+    Checked at worker start and then with the same backoff as :func:`prewarm_in_background`,
+    logging each failure once with the hint that fixes it.
+    """
+
+    def run() -> None:
+        wait_s = PREWARM_FIRST_RETRY_S
+        while not check():
+            log.error(
+                "no usable AWS credentials at worker start; retrying",
+                extra={"error_class": "NoCredentials", "retry_in_s": wait_s, "pid": os.getpid()},
+            )
+            sleep(wait_s)
+            wait_s = min(wait_s * 2, PREWARM_MAX_RETRY_S)
+        on_ready()
+
+    thread = threading.Thread(target=run, name="jwt-proxy-credentials", daemon=True)
+    thread.start()
+    return thread
+
+
 class Proxy:
     """The catch-all view, holding what one worker needs for every request."""
 
-    def __init__(self, config: Config, tokens: TokenStore, session: requests.Session) -> None:
+    def __init__(
+        self, config: Config, tokens: TokenStore, session: requests.Session, recorder: WorkerMetrics | None = None
+    ) -> None:
         self.config = config
         self.tokens = tokens
         self.session = session
+        self.recorder = recorder
         # Replaced by the token; in header mode the routing header is ours, not the upstream's.
         self.dropped_headers = ("authorization",) + ((config.routing_header,) if config.routing_header else ())
 
@@ -140,6 +195,9 @@ class Proxy:
         environ = request.environ
         if request.method == "CONNECT":
             raise RoutingError(405, BODY_METHOD_NOT_ALLOWED)
+        framing_error = request_framing_error(environ.get("HTTP_TRANSFER_ENCODING"))
+        if framing_error is not None:
+            raise RoutingError(400, framing_error)
         target = request_target(environ.get("RAW_URI") or _target_from_path(environ))
         g.path = strip_query(target)
         config = self.config
@@ -151,9 +209,15 @@ class Proxy:
             scheme=config.upstream_scheme,
             header_name=config.host_header,
             header_value=header_value,
+            allowlist=config.allowlist,
         )
         g.target = upstream.base_url + g.path
-        token = self.tokens.get(config.token_audiences or (upstream.audience,))
+        started = time.perf_counter()
+        try:
+            token = self.tokens.get(config.token_audiences or (upstream.audience,))
+        except TokenUnavailable:
+            self._observe_upstream(upstream, "", TOKEN_FETCH_ERROR, started)
+            raise
 
         headers = filter_request_headers(request.headers.items(), also_drop=self.dropped_headers)
         if "Authorization" in request.headers:
@@ -165,18 +229,26 @@ class Proxy:
         content_length = request.content_length
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         has_body = chunked or content_length is not None
-        upstream_response = forward.send(
-            self.session,
-            forward.UpstreamRequest(
-                method=request.method,
-                base_url=upstream.base_url,
-                target=target,
-                headers=headers,
-                body=environ["wsgi.input"] if has_body else None,
-                content_length=None if chunked else content_length,
-            ),
-            timeout_s=config.upstream_timeout_s,
-        )
+        started = time.perf_counter()
+        try:
+            upstream_response = forward.send(
+                self.session,
+                forward.UpstreamRequest(
+                    method=request.method,
+                    base_url=upstream.base_url,
+                    target=target,
+                    headers=headers,
+                    body=environ["wsgi.input"] if has_body else None,
+                    content_length=None if chunked else content_length,
+                ),
+                timeout_s=config.upstream_timeout_s,
+            )
+        except forward.UpstreamForbidden:
+            raise  # refused before connecting (a metadata address): no upstream request to observe
+        except forward.UpstreamError as exc:
+            self._observe_upstream(upstream, exc.error_type, TOKEN_OK, started)
+            raise
+        self._observe_upstream(upstream, "", TOKEN_OK, started)
         response = ProxyResponse(
             upstream_response.iter_body(),
             status=f"{upstream_response.status} {upstream_response.reason}".rstrip(),
@@ -184,6 +256,22 @@ class Proxy:
         )
         response.call_on_close(upstream_response.close)
         return response
+
+    def _observe_upstream(self, upstream: Upstream, error_type: str, token_result: str, started: float) -> None:
+        """``http_client_request_duration_seconds``: until the response headers, the
+        exchange's failure, or (``token_result="fetch_error"``) the token failure."""
+        if self.recorder is None:
+            return
+        port = upstream.authority.port
+        port_label = "" if port is None or port == DEFAULT_PORTS[upstream.scheme] else str(port)
+        self.recorder.observe_upstream(
+            upstream.authority.host, port_label, error_type, token_result, time.perf_counter() - started
+        )
+
+
+# token_result label values (the Go proxy's); see jwt_proxy.metrics.
+TOKEN_OK = "ok"
+TOKEN_FETCH_ERROR = "fetch_error"
 
 
 def _target_from_path(environ: dict[str, t.Any]) -> str:
@@ -237,6 +325,14 @@ def _register_error_handlers(app: Flask) -> None:
         )
         return _plain(exc.status, BODY_UPSTREAM_TIMEOUT if exc.status == 504 else BODY_UPSTREAM_UNAVAILABLE)
 
+    @app.errorhandler(forward.UpstreamForbidden)
+    def upstream_forbidden(exc: forward.UpstreamForbidden):
+        log.warning(
+            "upstream address refused",
+            extra={"target": g.get("target", ""), "error_type": exc.error_type, "error": str(exc)},
+        )
+        return _plain(403, BODY_FORBIDDEN)
+
     @app.errorhandler(forward.RequestBodyError)
     def request_body_error(exc: forward.RequestBodyError):
         log.warning("request body not received", extra={"target": g.get("target", ""), "error": str(exc)})
@@ -249,22 +345,45 @@ def _register_error_handlers(app: Flask) -> None:
 
 
 def create_app(
-    config: Config, *, tokens: TokenStore | None = None, session: requests.Session | None = None
+    config: Config,
+    *,
+    tokens: TokenStore | None = None,
+    session: requests.Session | None = None,
+    recorder: WorkerMetrics | None = None,
 ) -> Flask:
-    """The proxy app for one worker; ``tokens`` and ``session`` are injectable for tests."""
+    """The proxy app for one worker; ``tokens``, ``session`` and ``recorder`` are injectable
+    for tests.
+
+    With ``--metrics-enabled`` (and no ``recorder`` given) the worker's metrics are made
+    here, after the fork; with metrics off nothing imports prometheus_client and nothing
+    is recorded. An injected ``tokens`` store is used as it is (not instrumented).
+    """
+    if recorder is None and config.metrics_enabled:
+        from .metrics import WorkerMetrics
+
+        recorder = WorkerMetrics()
+    client = None
     if tokens is None:
-        tokens = make_token_store(config)
+        client = make_sts_client(config)
+        tokens = make_token_store(config, client=client, recorder=recorder)
     if session is None:
-        session = forward.make_session(pool_maxsize=config.threads, ca_file=config.upstream_ca_file)
+        session = forward.make_session(
+            pool_maxsize=config.threads, ca_file=config.upstream_ca_file, allowed_addresses=config.allowlist.addresses
+        )
     log.debug("worker ready", extra={"pid": os.getpid()})
+    on_ready = recorder.mark_ready if recorder is not None else None
     if config.token_audiences:
-        prewarm_in_background(tokens, config.token_audiences)
+        prewarm_in_background(tokens, config.token_audiences, on_minted=on_ready)
+    elif on_ready is not None and client is None:
+        on_ready()  # an injected store brings its own credentials
+    elif on_ready is not None:
+        await_credentials_in_background(functools.partial(sts.credentials_resolve, client), on_ready)
 
     app = Flask("jwt_proxy")
     app.url_map.converters["anypath"] = _AnyPathConverter
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    app.add_url_rule("/<anypath:_path>", "proxy", Proxy(config, tokens, session), methods=STANDARD_METHODS)
+    app.add_url_rule("/<anypath:_path>", "proxy", Proxy(config, tokens, session, recorder), methods=STANDARD_METHODS)
     for rule in app.url_map.iter_rules():
         rule.methods = None
 
@@ -281,4 +400,6 @@ def create_app(
         return response
 
     _register_error_handlers(app)
+    if recorder is not None:
+        app.wsgi_app = recorder.wrap_wsgi(app.wsgi_app)  # type: ignore[method-assign]
     return app

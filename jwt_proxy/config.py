@@ -9,13 +9,19 @@ allowed. Nothing downstream re-validates or reads ``os.environ``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
 import typing as t
 import unicodedata
 
+from .routing import PATTERN_HELP
+from .routing import Allowlist
 from .routing import Authority
+from .routing import Upstream
+from .routing import is_restricted_address
+from .routing import literal_address
 from .routing import parse_authority
 
 if t.TYPE_CHECKING:
@@ -189,6 +195,27 @@ class Config:
     def pinned(self) -> bool:
         return self.upstream is not None
 
+    @functools.cached_property
+    def allowlist(self) -> Allowlist:
+        """``--allowed-upstream-hosts`` compiled (validated in :meth:`from_options`)."""
+        return Allowlist.parse(self.allowed_upstream_hosts)
+
+    def startup_warnings(self) -> tuple[str, ...]:
+        """What the operator should hear about this configuration when the proxy starts.
+
+        ``--upstream-scheme=http`` sends every token in clear text: that is only quiet
+        when pinned to a loopback address or ``localhost`` (header mode can reach any host).
+        """
+        if self.upstream_scheme != "http":
+            return ()
+        if self.upstream is not None and _is_loopback(self.upstream.host):
+            return ()
+        where = f"to {self.upstream}" if self.upstream is not None else "to any upstream a client names"
+        return (
+            f"--upstream-scheme=http: tokens travel in clear text {where};"
+            " use https unless the upstream is on loopback",
+        )
+
     @property
     def routing_header(self) -> str | None:
         """The lower-cased header a client names its upstream in; None when pinned or Host."""
@@ -254,12 +281,16 @@ class Config:
             raise ConfigError("--host-header", host_header, "must be a non-empty header name")
 
         allowed_hosts = tuple(split_list(allowed_upstream_hosts))
-        if any(not item or any(c.isspace() for c in item) for item in allowed_hosts):
+        try:
+            allowlist = Allowlist.parse(allowed_hosts)
+        except ValueError as exc:
             raise ConfigError(
                 "--allowed-upstream-hosts",
-                ",".join(allowed_hosts),
-                "patterns like api.example.com or *.example.com, optionally with :port",
-            )
+                exc.args[0],
+                PATTERN_HELP,
+            ) from None
+        if upstream is not None:
+            _check_pinned(upstream_host, upstream, scheme, allowlist)
 
         timeout_s = _positive_duration("--upstream-timeout", upstream_timeout)
 
@@ -342,6 +373,29 @@ class Config:
             threads=_at_least_one("--threads", threads),
             graceful_timeout_s=_positive_duration("--graceful-timeout", graceful_timeout),
             region=region,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_pinned(text: str, upstream: Authority, scheme: str, allowlist: Allowlist) -> None:
+    """The pinned upstream obeys the rules a client-chosen one would (SPEC section 3)."""
+    if not allowlist.allows(Upstream(scheme, upstream)):
+        raise ConfigError("--upstream-host", text, "not matched by --allowed-upstream-hosts")
+    address = literal_address(upstream.host)
+    if address is not None and is_restricted_address(address) and not allowlist.names_address(address):
+        raise ConfigError(
+            "--upstream-host",
+            text,
+            "a link-local or metadata address; name it in --allowed-upstream-hosts to allow it",
         )
 
 

@@ -19,6 +19,14 @@ timeouts) and switches the rest off:
   ``http.client`` would otherwise return the ``103`` as *the* response and leave the
   real one in the pooled socket, to be read as the answer to another client's request.
 
+Every new connection is checked before it is made (:class:`AddressPolicy`): the host is
+resolved once, every address it resolves to is checked, and only those checked
+addresses are dialled, so a link-local or metadata address (169.254.169.254 in any
+spelling, ``fd00:ec2::254``, a DNS name that resolves there) is refused with
+:class:`UpstreamForbidden` unless ``--allowed-upstream-hosts`` names it. Through an
+``HTTP(S)_PROXY`` the connection goes to the proxy, which resolves the target: there a
+target written as an IP address is checked, a name is left to the proxy.
+
 Failures before the response headers become :class:`UpstreamError` (mapped to 502/504 by
 the caller); failures while streaming the body are raised from
 :meth:`UpstreamResponse.iter_body` so the server aborts the client connection instead of
@@ -29,10 +37,14 @@ from __future__ import annotations
 
 import contextvars
 import http.client
+import ipaddress
 import re
+import socket
 import ssl
+import sys
 import typing as t
 from dataclasses import dataclass
+from dataclasses import field
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlsplit
 
@@ -42,18 +54,27 @@ from requests.adapters import HTTPAdapter
 from requests.hooks import default_hooks
 from requests.models import PreparedRequest
 from requests.utils import get_environ_proxies
+from requests.utils import select_proxy
 from urllib3 import HTTPHeaderDict
 from urllib3.connection import HTTPConnection
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.connectionpool import HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import NameResolutionError
 from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util import SKIP_HEADER
+from urllib3.util.connection import allowed_gai_family
 from urllib3.util.ssl_ import create_urllib3_context
+from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
 from .headers import filter_response_headers
+from .routing import IPAddress
+from .routing import canonical_address
+from .routing import is_restricted_address
+from .routing import literal_address
 
 if t.TYPE_CHECKING:
     from urllib3.response import BaseHTTPResponse
@@ -107,6 +128,17 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
+class UpstreamForbidden(UpstreamError):
+    """The upstream's address is link-local or a metadata address that
+    ``--allowed-upstream-hosts`` does not name. Nothing was sent: the check comes before
+    the connection is made."""
+
+    status = 403
+
+    def __init__(self, message: str, *, error_type: str = "forbidden") -> None:
+        super().__init__(message, error_type=error_type)
+
+
 class UpstreamUnavailable(UpstreamError):
     """Connection refused, DNS or TLS failure, or the connection broke (before the
     headers when raised by :func:`send`, mid-body when raised by ``iter_body``)."""
@@ -134,7 +166,7 @@ class UpstreamRequest:
     method: str
     base_url: str
     target: str
-    headers: list[tuple[str, str]]
+    headers: list[tuple[str, str]] = field(repr=False)  # they hold the token
     body: t.IO[bytes] | None = None
     content_length: int | None = None
 
@@ -214,13 +246,54 @@ class UpstreamResponse:
         self.close()
 
 
-def make_session(*, pool_maxsize: int, ca_file: str | None = None) -> requests.Session:
+#: ``getaddrinfo(host, port, family, type)``, as :func:`socket.getaddrinfo`.
+Resolver = t.Callable[..., t.List[t.Tuple[t.Any, ...]]]
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which addresses a new upstream connection may be made to, and how names resolve.
+
+    ``allowed`` are the restricted addresses (link-local, metadata) that
+    ``--allowed-upstream-hosts`` names; every other restricted address is refused.
+    ``resolver`` defaults to :func:`socket.getaddrinfo`, looked up at each call.
+    """
+
+    allowed: frozenset[IPAddress] = frozenset()
+    resolver: Resolver | None = None
+
+    def resolve(self, host: str, port: int) -> list[tuple[t.Any, ...]]:
+        resolver = self.resolver or socket.getaddrinfo
+        return list(resolver(host, port, allowed_gai_family(), socket.SOCK_STREAM))
+
+    def refuses(self, address: IPAddress) -> bool:
+        return is_restricted_address(address) and canonical_address(address) not in self.allowed
+
+
+# The policy of the session whose request this thread is sending; set around
+# _ProxyAdapter.send like _WIRE_TARGET. Unset (a connection made some other way): the
+# default, which refuses every restricted address.
+_ADDRESS_POLICY: contextvars.ContextVar[AddressPolicy | None] = contextvars.ContextVar(
+    "jwt_proxy_address_policy", default=None
+)
+
+
+def make_session(
+    *,
+    pool_maxsize: int,
+    ca_file: str | None = None,
+    allowed_addresses: t.Iterable[IPAddress] = (),
+    resolver: Resolver | None = None,
+) -> requests.Session:
     """A session for :func:`send`, one per worker process (P6/P8/P9/P10/P19).
 
     ``pool_maxsize`` is the number of kept-alive connections per upstream host (the
     worker's thread count); more concurrent requests still proceed, their connections
     are just not kept. ``ca_file`` is a PEM bundle trusted *in addition to* the default
     roots, see :func:`make_ssl_context`. Verification is never off.
+    ``allowed_addresses`` and ``resolver`` make the :class:`AddressPolicy` of every
+    connection: the link-local and metadata addresses the allowlist names, and a
+    ``getaddrinfo`` stand-in (for tests).
     """
     if pool_maxsize < 1:
         raise ValueError(f"pool_maxsize must be >= 1, got {pool_maxsize}")
@@ -233,7 +306,8 @@ def make_session(*, pool_maxsize: int, ca_file: str | None = None) -> requests.S
     # One jar for every client of the worker would hand one client's cookies to the next.
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     session.verify = True
-    adapter = _ProxyAdapter(pool_maxsize=pool_maxsize, ssl_context=make_ssl_context(ca_file))
+    policy = AddressPolicy(frozenset(canonical_address(a) for a in allowed_addresses), resolver)
+    adapter = _ProxyAdapter(pool_maxsize=pool_maxsize, ssl_context=make_ssl_context(ca_file), policy=policy)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -274,9 +348,16 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
     adapter = session.get_adapter(request.base_url + request.target)
     if not isinstance(adapter, _ProxyAdapter):
         raise TypeError("send() needs a session from make_session()")
-    host = urlsplit(request.base_url).netloc
+    parts = urlsplit(request.base_url)
+    host = parts.netloc
     prepared = _prepare(request)
     proxies = get_environ_proxies(prepared.url)
+    if select_proxy(prepared.url, proxies):
+        # The proxy resolves and dials the target: only an address literal can be
+        # checked here (a direct connection is checked in _RawTargetConnection).
+        address = literal_address(parts.hostname or "")
+        if address is not None and adapter.policy.refuses(address):
+            raise UpstreamForbidden(f"upstream {host}: {address} is a link-local or metadata address")
     try:
         response = adapter.send(
             prepared, stream=True, timeout=(timeout_s, timeout_s), verify=True, cert=None, proxies=proxies
@@ -415,6 +496,38 @@ class _RawTargetConnection(HTTPConnection):
             method, url if wire is None else wire, skip_host=skip_host, skip_accept_encoding=skip_accept_encoding
         )
 
+    def _new_conn(self) -> socket.socket:
+        """Resolve once, check every address, then dial only the checked ones.
+
+        urllib3's own ``create_connection`` would resolve the name again, and a second
+        answer need not be the first (DNS rebinding). The hop to an ``HTTP(S)_PROXY`` is
+        not checked: the operator chose it, and :func:`send` checks the target.
+        """
+        if self.proxy is not None:
+            return super()._new_conn()
+        policy = _ADDRESS_POLICY.get() or AddressPolicy()
+        try:
+            infos = policy.resolve(self._dns_host.strip("[]"), self.port)
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc
+        for info in infos:
+            address = _sockaddr_address(info[4])
+            if address is None or policy.refuses(address):
+                raise UpstreamForbidden(
+                    f"upstream {self.host}:{self.port}: resolves to {address or info[4]!r},"
+                    " a link-local or metadata address"
+                )
+        try:
+            sock = _connect_first(infos, self.timeout, self.source_address, self.socket_options)
+        except socket.timeout as exc:
+            raise ConnectTimeoutError(
+                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
+            ) from exc
+        except OSError as exc:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+        sys.audit("http.client.connect", self, self.host, self.port)
+        return sock
+
     def getresponse(self):  # type: ignore[no-untyped-def]
         # Taken before: http.client drops self.sock when the response says
         # "Connection: close", and such a body (read until close) must get the long
@@ -431,6 +544,46 @@ class _RawTargetHTTPSConnection(_RawTargetConnection, HTTPSConnection):
     pass
 
 
+def _sockaddr_address(sockaddr: tuple[t.Any, ...]) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(sockaddr[0])
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
+def _connect_first(
+    infos: list[tuple[t.Any, ...]],
+    timeout: t.Any,
+    source_address: tuple[str, int] | None,
+    socket_options: t.Any,
+) -> socket.socket:
+    """A socket connected to the first of ``infos`` that accepts, as urllib3's
+    ``create_connection`` does, but without resolving anything."""
+    error: OSError | None = None
+    for family, socktype, proto, _, sockaddr in infos:
+        sock = None
+        try:
+            sock = socket.socket(family, socktype, proto)
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            if timeout is not _DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            error = exc
+            if sock is not None:
+                sock.close()
+    if error is not None:
+        try:
+            raise error
+        finally:
+            error = None
+    raise OSError("getaddrinfo returned no addresses")
+
+
 class _HTTPPool(HTTPConnectionPool):
     ConnectionCls = _RawTargetConnection
 
@@ -445,8 +598,9 @@ _POOL_CLASSES = {"http": _HTTPPool, "https": _HTTPSPool}
 class _ProxyAdapter(HTTPAdapter):
     """requests' adapter with our pools, our TLS context and the raw request target."""
 
-    def __init__(self, *, pool_maxsize: int, ssl_context: ssl.SSLContext) -> None:
+    def __init__(self, *, pool_maxsize: int, ssl_context: ssl.SSLContext, policy: AddressPolicy | None = None) -> None:
         self._ssl_context = ssl_context
+        self.policy = policy or AddressPolicy()
         # max_retries=0: a streamed body cannot be replayed. pool_block stays False:
         # requests passes no pool timeout, so a blocked pool would wait forever.
         super().__init__(pool_connections=MAX_UPSTREAM_POOLS, pool_maxsize=pool_maxsize, max_retries=0)
@@ -496,9 +650,11 @@ class _ProxyAdapter(HTTPAdapter):
     ) -> requests.Response:
         wire = self.request_url(request, proxies) if hasattr(request, "raw_target") else None
         token = _WIRE_TARGET.set(wire)
+        policy_token = _ADDRESS_POLICY.set(self.policy)
         try:
             return super().send(request, stream=stream, timeout=timeout, verify=True, cert=None, proxies=proxies)
         finally:
+            _ADDRESS_POLICY.reset(policy_token)
             _WIRE_TARGET.reset(token)
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import typing as t
 
 #: Lower-case names that describe one connection, never the message. werkzeug's set plus
-#: ``proxy-connection`` (a non-standard name clients still send); RFC 9110 7.6.1 also makes
-#: every name listed in a ``Connection`` value hop-by-hop, see :func:`connection_named`.
+#: ``proxy-connection`` (a non-standard name clients still send) and ``http2-settings``
+#: (RFC 7540 3.2.1: it only belongs to an ``Upgrade: h2c`` of this one hop, and the
+#: upgrade is not passed on); RFC 9110 7.6.1 also makes every name listed in a
+#: ``Connection`` value hop-by-hop, see :func:`connection_named`.
 HOP_BY_HOP: frozenset[str] = frozenset(
     {
         "connection",
+        "http2-settings",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -100,3 +103,24 @@ def append_forwarded_for(headers: list[tuple[str, str]], client_addr: str) -> He
     if not placed and chain:
         result.append(("X-Forwarded-For", chain))
     return result
+
+
+def request_framing_error(transfer_encoding: str | None) -> str | None:
+    """Why a request body's framing cannot be forwarded as it is, or None.
+
+    The server in front (gunicorn) already refuses a ``Content-Length`` next to a
+    ``Transfer-Encoding``, two ``Content-Length`` lines, a length that is not a plain
+    number, stacked ``chunked``, unknown codings and obsolete line folding. It does
+    accept ``gzip, chunked`` or ``identity, chunked`` and hands the app the de-chunked
+    bytes, which are still gzip-coded: the upstream hop is re-framed as plain
+    ``chunked``, so such a body would arrive with a different meaning. Only a
+    ``Transfer-Encoding`` of exactly ``chunked`` (any case, once) is forwarded.
+
+    :param transfer_encoding: the request's ``Transfer-Encoding`` lines, comma-joined.
+    """
+    if transfer_encoding is None:
+        return None
+    codings = [coding.strip(" \t").lower() for coding in transfer_encoding.split(",")]
+    if codings != ["chunked"]:
+        return "unsupported transfer coding"
+    return None

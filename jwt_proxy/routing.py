@@ -9,13 +9,37 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import typing as t
 
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 _PORT = re.compile(r"[0-9]{1,5}")
-_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+# RFC 9112 3.2: a request target is printable ASCII; anything else is percent-encoded.
+_ORIGIN_FORM = re.compile(r"/[\x21-\x7e]*")
 _INVALID_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+BODY_INVALID_TARGET = "invalid request target"
+#: The one line a client gets for an upstream outside ``--allowed-upstream-hosts`` or at
+#: a link-local or metadata address: it does not say which rule refused it.
+BODY_FORBIDDEN = "upstream not allowed"
+
+#: Never dialled unless ``--allowed-upstream-hosts`` names the address: link-local
+#: networks hold the EC2 instance metadata service (169.254.169.254), the ECS task
+#: metadata and credential endpoints (169.254.170.2) and the EKS Pod Identity agent
+#: (169.254.170.23).
+RESTRICTED_NETWORKS = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+#: The IPv6 metadata and credential addresses, which are not link-local: EC2 instance
+#: metadata (``fd00:ec2::254``), the EKS Pod Identity agent (``fd00:ec2::23``) and the
+#: Google Compute Engine metadata server (``fd20:ce::254``).
+RESTRICTED_ADDRESSES = frozenset(
+    ipaddress.IPv6Address(text) for text in ("fd00:ec2::254", "fd00:ec2::23", "fd20:ce::254")
+)
+# RFC 6052 NAT64 prefix: 64:ff9b::a9fe:a9fe reaches 169.254.169.254 through a NAT64 gateway.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_PART = re.compile(r"0[xX][0-9A-Fa-f]+|0[0-7]*|[1-9][0-9]*")
+
+IPAddress = t.Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 class RoutingError(Exception):
@@ -114,43 +138,232 @@ class Upstream:
 
 
 def choose_upstream(
-    *, pinned: Authority | None, scheme: str, header_name: str, header_value: str | None
+    *,
+    pinned: Authority | None,
+    scheme: str,
+    header_name: str,
+    header_value: str | None,
+    allowlist: Allowlist | None = None,
 ) -> Upstream:
     """The upstream of one request.
 
-    :param pinned: ``--upstream-host``; when set no header is consulted.
+    :param pinned: ``--upstream-host``; when set no header is consulted (it was checked
+        against ``allowlist`` and the restricted addresses at start-up).
     :param header_name: ``--host-header`` as configured, for the error body.
     :param header_value: that header's value on this request (for ``Host`` mode, the Host line).
-    :raises RoutingError: 400 when the header is missing or not a plain ``host[:port]``.
+    :param allowlist: ``--allowed-upstream-hosts``; empty or None allows any host.
+    :raises RoutingError: 400 when the header is missing or not a plain ``host[:port]``;
+        403 when it is outside ``allowlist``, or is a link-local or metadata address in
+        any spelling (:func:`literal_address`) that ``allowlist`` does not name.
     """
     if pinned is not None:
         return Upstream(scheme, pinned)
     if not header_value:
         raise RoutingError(400, f"missing {header_name} header")
     try:
-        return Upstream(scheme, parse_authority(header_value))
+        upstream = Upstream(scheme, parse_authority(header_value))
     except ValueError:
         raise RoutingError(400, f"invalid {header_name} header: want host[:port]") from None
+    allowlist = allowlist or Allowlist(())
+    if not allowlist.allows(upstream):
+        raise RoutingError(403, BODY_FORBIDDEN)
+    address = literal_address(upstream.authority.host)
+    if address is not None and is_restricted_address(address) and not allowlist.names_address(address):
+        raise RoutingError(403, BODY_FORBIDDEN)
+    return upstream
+
+
+# -- addresses ------------------------------------------------------------------------
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address ``host`` denotes without DNS, in every spelling a resolver accepts.
+
+    Besides dotted quads and IPv6, ``getaddrinfo`` (``inet_aton``) reads one to four
+    dot-separated parts in decimal, octal (leading ``0``) or hex (``0x``), the last part
+    filling the remaining bytes: ``2852039166``, ``0251.0376.0251.0376``, ``0xa9fea9fe``
+    and ``169.254.43518`` are all 169.254.169.254. ``None`` for a host name.
+    """
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host.strip("[]"))
+        except ValueError:
+            return None
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_IPV4_PART.fullmatch(part) for part in parts):
+        return None
+    values = []
+    for part in parts:
+        if part[:2] in ("0x", "0X"):
+            values.append(int(part[2:], 16))
+        elif len(part) > 1 and part[0] == "0":
+            values.append(int(part, 8))
+        else:
+            values.append(int(part))
+    *leading, last = values
+    if any(value > 0xFF for value in leading) or last >= 1 << (8 * (5 - len(values))):
+        return None
+    number = last
+    for index, value in enumerate(leading):
+        number |= value << (8 * (3 - index))
+    return ipaddress.IPv4Address(number)
+
+
+def canonical_address(address: IPAddress) -> IPAddress:
+    """``address`` as the host it reaches: IPv4-mapped IPv6 as IPv4, without a zone."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.scope_id:
+            return ipaddress.IPv6Address(int(address))
+    return address
+
+
+def is_restricted_address(address: IPAddress) -> bool:
+    """Whether ``address`` is link-local or a cloud metadata / credential address.
+
+    IPv4-mapped (``::ffff:169.254.169.254``) and NAT64 (``64:ff9b::a9fe:a9fe``) forms
+    count as the IPv4 address they carry.
+    """
+    address = canonical_address(address)
+    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64:
+        address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address in RESTRICTED_ADDRESSES or any(address in network for network in RESTRICTED_NETWORKS)
+
+
+# -- the allowlist --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPattern:
+    """One ``--allowed-upstream-hosts`` item, compiled by :func:`parse_host_pattern`.
+
+    ``host`` is lower-case without a trailing dot; for ``*.example.com`` it is
+    ``example.com`` with ``wildcard`` set; for an IP address it is the address's
+    compressed text and ``address`` holds it (an upstream matches it only when written
+    the same way: a dotted quad, or the same IPv6 address). ``port`` None matches any port.
+    """
+
+    text: str
+    host: str
+    port: int | None = None
+    wildcard: bool = False
+    address: IPAddress | None = None
+
+    def matches(self, upstream: Upstream) -> bool:
+        authority = upstream.authority
+        if self.port is not None and self.port != (authority.port or DEFAULT_PORTS[upstream.scheme]):
+            return False
+        if self.address is not None:
+            # The pattern's own spelling only: no trailing dot ("10.0.0.1." is a name to a
+            # resolver), no decimal or IPv4-mapped forms of it.
+            return _ip_literal(authority.host) == self.address
+        host = _normalized_host(authority.host)
+        if self.wildcard:
+            return literal_address(host) is None and host.endswith("." + self.host)
+        return host == self.host
+
+
+#: What ``--allowed-upstream-hosts`` accepts, for the start-up error line.
+PATTERN_HELP = "patterns like api.example.com, *.example.com, 10.0.0.1 or [fd00::1], optionally with :port"
+
+
+def parse_host_pattern(text: str) -> HostPattern:
+    """Compile one allowlist item.
+
+    Accepted: a host name, ``*.`` and a host name (one or more extra labels, never the
+    bare parent), a dotted-quad IPv4 address or a bracketed IPv6 address, each with an
+    optional ``:port``. Case and a trailing dot do not matter.
+
+    :raises ValueError: for anything else (a scheme, path, ``@``, another ``*``, an IPv4
+        address in another spelling than four decimal numbers, a bad port).
+    """
+    wildcard = text.startswith("*.")
+    try:
+        authority = parse_authority(text[2:] if wildcard else text)
+    except ValueError:
+        raise ValueError(text) from None
+    host = _normalized_host(authority.host)
+    if not host:
+        raise ValueError(text)
+    address = None
+    if authority.is_ipv6:
+        address = ipaddress.IPv6Address(host)
+    elif literal_address(host) is not None:
+        # Only the dotted quad: 2852039166 as a pattern would read as a host name to
+        # some people and as 169.254.169.254 to the resolver.
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(text) from None
+    if wildcard and address is not None:
+        raise ValueError(text)
+    return HostPattern(text, str(address) if address else host, authority.port, wildcard, address)
+
+
+class Allowlist:
+    """``--allowed-upstream-hosts``, compiled: an upstream is allowed when any pattern
+    matches it; with no patterns every upstream is.
+
+    IP-address patterns also *name* their address, which is what lets a link-local or
+    metadata address through (:meth:`names_address`); host-name patterns never do, even
+    when the name resolves there.
+    """
+
+    def __init__(self, patterns: t.Iterable[HostPattern]) -> None:
+        self.patterns = tuple(patterns)
+        self.addresses = frozenset(canonical_address(p.address) for p in self.patterns if p.address is not None)
+
+    @classmethod
+    def parse(cls, texts: t.Iterable[str]) -> Allowlist:
+        """:raises ValueError: with the first bad pattern as its argument."""
+        return cls(parse_host_pattern(text) for text in texts)
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def __repr__(self) -> str:
+        return f"Allowlist({[p.text for p in self.patterns]!r})"
+
+    def allows(self, upstream: Upstream) -> bool:
+        return not self.patterns or any(pattern.matches(upstream) for pattern in self.patterns)
+
+    def names_address(self, address: IPAddress) -> bool:
+        return canonical_address(address) in self.addresses
+
+
+def _normalized_host(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    """The address of a host written as a dotted quad or an IPv6 address, else None."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def request_target(raw_uri: str) -> str:
     """The path and query to send upstream, exactly as the client wrote them.
 
-    An absolute-form target (``http://other/x``) contributes only its path and query: the
-    upstream is chosen by :func:`choose_upstream`, never by the request line.
+    Only the origin form (``/path?query``) is accepted. An absolute-form target
+    (``http://other/x``) is what a client sends to a *forward* proxy, and a target that
+    starts with ``//`` reads as a network-path reference (``//host/path``) to every URL
+    parser downstream; both are refused rather than reinterpreted, so the request line
+    can never name a host. ``//`` later in the path (``/x//a``) is kept as sent.
 
-    :raises RoutingError: 400 for a target that is neither origin- nor absolute-form, or
-        that holds an invalid percent-escape.
+    :raises RoutingError: 400 for any other form, a fragment, control or non-ASCII
+        characters, or an invalid percent-escape.
     """
-    if not raw_uri.startswith("/"):
-        match = _ABSOLUTE_FORM.match(raw_uri)
-        if match is None:
-            raise RoutingError(400, "invalid request target")
-        raw_uri = raw_uri[match.end() :]
-        if not raw_uri.startswith("/"):
-            raw_uri = "/" + raw_uri
-    if "#" in raw_uri or _INVALID_ESCAPE.search(raw_uri):
-        raise RoutingError(400, "invalid request target")
+    if (
+        not raw_uri.startswith("/")
+        or raw_uri.startswith("//")
+        or not _ORIGIN_FORM.fullmatch(raw_uri)
+        or "#" in raw_uri
+        or _INVALID_ESCAPE.search(raw_uri)
+    ):
+        raise RoutingError(400, BODY_INVALID_TARGET)
     return raw_uri
 
 

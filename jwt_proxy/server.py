@@ -5,11 +5,33 @@ becomes gunicorn settings, so ``jwt-proxy`` and ``gunicorn -c conf/gunicorn.conf
 cannot drift apart. The app is built in :meth:`GunicornApp.load`, which gunicorn calls in
 each worker after the fork (``preload_app`` stays off), so boto3 clients, the
 ``requests.Session`` and the token store are per worker and never cross a fork.
+
+With metrics enabled, :func:`metrics_hooks` adds the gunicorn server hooks that run the
+metrics listener in the master (:class:`jwt_proxy.metrics.MetricsListener`) and keep
+prometheus_client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``) in order:
+
+* ``on_starting``: make a private directory if none is set, else create/empty the one
+  set (only its ``*.db`` value files are removed); bind the metrics address, or stop
+  with one line before the proxy listener binds;
+* ``when_ready``: serve the metrics port; note SIGTERM/SIGINT/SIGQUIT so that
+  ``/readyz`` answers ``503`` from the moment the drain starts;
+* ``post_fork``: a worker closes its inherited copy of the metrics socket;
+* ``child_exit`` (master) and ``worker_exit``: forget the worker's ``live*`` gauges;
+* ``on_exit``: stop the listener and remove the private directory.
+
+State shared by the hooks lives in this module, not in the hooks, because a SIGHUP
+under plain gunicorn re-reads ``conf/gunicorn.conf.py`` and so makes new hooks.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import shutil
+import sys
+import tempfile
+import threading
 import typing as t
 
 from gunicorn.app.base import BaseApplication
@@ -17,7 +39,10 @@ from gunicorn.app.base import BaseApplication
 from . import logs
 
 if t.TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+
     from .config import Config
+    from .metrics import MetricsListener
 
 # How long the master waits for a silent worker before killing it. gthread workers
 # heartbeat from their main loop, so this is a liveness check, not a request deadline.
@@ -27,12 +52,180 @@ CLIENT_KEEPALIVE_S = 5
 # Heartbeat files on disk can stall under I/O pressure (gunicorn FAQ); use RAM when present.
 SHM_DIR = "/dev/shm"
 
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client at import
+MULTIPROC_DIR_PREFIX = "jwt-proxy-metrics-"
+# prometheus_client's value files: all that is removed from a directory we did not make.
+MULTIPROC_FILES = "*.db"
+# The master's signals that stop serving; from the first of them /readyz answers 503.
+SHUTDOWN_HANDLERS = ("handle_term", "handle_int", "handle_quit")
+
+# The private directory this process made: (path, pid). Workers unwind through the same
+# Python frames as the master when they exit, so removal checks the pid.
+_owned_multiproc_dir: tuple[str, int] | None = None
+_listener: MetricsListener | None = None
+_shutting_down = threading.Event()
+
+
+def use_private_multiproc_dir() -> str | None:
+    """Point prometheus_client at a fresh private directory if none is set.
+
+    Must run before anything imports prometheus_client: its multiprocess mode is chosen
+    at import. The directory is made by :func:`tempfile.mkdtemp` (mode 0700) and removed
+    by :func:`remove_private_multiproc_dir`. A directory already named by the environment
+    (systemd's ``RuntimeDirectory``, the container image) is left to its owner.
+
+    :returns: the new directory, or ``None`` when the environment names one.
+    """
+    global _owned_multiproc_dir
+    if os.environ.get(MULTIPROC_DIR_ENV):
+        return None
+    path = tempfile.mkdtemp(prefix=MULTIPROC_DIR_PREFIX)
+    os.environ[MULTIPROC_DIR_ENV] = path
+    _owned_multiproc_dir = (path, os.getpid())
+    return path
+
+
+def remove_private_multiproc_dir() -> None:
+    """Remove the directory :func:`use_private_multiproc_dir` made, in the process that made it."""
+    global _owned_multiproc_dir
+    if _owned_multiproc_dir is None or _owned_multiproc_dir[1] != os.getpid():
+        return
+    path, _ = _owned_multiproc_dir
+    _owned_multiproc_dir = None
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def prepare_multiproc_dir(path: str) -> None:
+    """Create ``path`` if needed and empty it of a previous run's value files.
+
+    :raises OSError: it cannot be created, or this user cannot write to it.
+    """
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"not writable by this user (uid {os.getuid()})")
+    for name in glob.glob(os.path.join(glob.escape(path), MULTIPROC_FILES)):
+        os.remove(name)
+
+
+def readiness(config: Config, arbiter: Arbiter) -> str | None:
+    """``None`` when the proxy is ready, else the one-line reason ``/readyz`` gives.
+
+    Ready means: not shutting down, and every worker gunicorn is meant to run has said so
+    through the ``jwt_proxy_ready_workers`` gauge (credentials resolve and, with
+    configured audiences, the token is minted).
+    """
+    from . import metrics
+
+    if _shutting_down.is_set():
+        return "shutting down: finishing in-flight requests"
+    expected = arbiter.num_workers
+    ready = metrics.ready_workers()
+    if ready >= expected:
+        return None
+    if config.token_audiences:
+        waiting_for = f"minted the token for audience {','.join(config.token_audiences)}"
+    else:
+        waiting_for = "resolved AWS credentials"
+    return f"{ready} of {expected} workers have {waiting_for} (see the error log)"
+
+
+def metrics_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
+    """The gunicorn server hooks of the metrics listener (see the module docstring)."""
+
+    def fail(arbiter: Arbiter, message: str) -> t.NoReturn:
+        print(f"{arbiter.cfg.proc_name}: error: {message}", file=sys.stderr, flush=True)
+        remove_private_multiproc_dir()
+        sys.exit(1)
+
+    def on_starting(arbiter: Arbiter) -> None:
+        global _listener
+        path = os.environ.get(MULTIPROC_DIR_ENV, "")
+        try:
+            path = use_private_multiproc_dir() or path
+            prepare_multiproc_dir(path)
+        except OSError as exc:
+            fail(arbiter, f"{MULTIPROC_DIR_ENV}={path or '(a new temporary directory)'}: {exc.strerror or exc}")
+        from . import metrics
+
+        address = config.metrics_listen
+        try:
+            _listener = metrics.MetricsListener(
+                address.host,
+                address.port,
+                config.metrics_path,
+                readiness=lambda: readiness(config, arbiter),
+                worker_pids=lambda: list(arbiter.WORKERS),
+                multiproc_dir=path,
+            )
+        except OSError as exc:
+            fail(arbiter, f"--metrics-listen-addr {address.bind}: cannot listen there: {exc.strerror or exc}")
+
+    def when_ready(arbiter: Arbiter) -> None:
+        for name in SHUTDOWN_HANDLERS:
+            handler = getattr(arbiter, name)
+
+            def shut_down(handler: t.Callable[[], None] = handler) -> None:
+                _shutting_down.set()
+                handler()
+
+            # The arbiter looks its handlers up by name on itself, so this one is used.
+            setattr(arbiter, name, shut_down)
+        if _listener is not None:
+            _listener.start()
+
+    def post_fork(arbiter: Arbiter, worker: t.Any) -> None:
+        if _listener is not None:
+            _listener.close_in_child()
+
+    def forget_worker(arbiter: Arbiter, worker: t.Any) -> None:
+        from . import metrics
+
+        metrics.mark_process_dead(worker.pid)
+
+    def on_exit(arbiter: Arbiter) -> None:
+        global _listener
+        if _listener is not None:
+            _listener.stop()
+            _listener = None
+        remove_private_multiproc_dir()
+
+    return {
+        "on_starting": on_starting,
+        "when_ready": when_ready,
+        "post_fork": post_fork,
+        "child_exit": forget_worker,
+        "worker_exit": forget_worker,
+        "on_exit": on_exit,
+    }
+
+
+# gthread, plus a deadline on receiving each request head (jwt_proxy.worker).
+WORKER_CLASS = "jwt_proxy.worker.ProxyWorker"
+# How requests are parsed: set explicitly, because these are part of what the listener
+# promises (README, Security), whatever gunicorn's defaults or FORWARDED_ALLOW_IPS say.
+REQUEST_PARSING_OPTIONS: dict[str, t.Any] = {
+    # Longer request line: 414. More header lines, or a longer one: 431.
+    "limit_request_line": 8190,
+    "limit_request_fields": 100,
+    "limit_request_field_size": 8190,
+    # A folded header line (obs-fold) is refused with 400, never unfolded.
+    "permit_obsolete_folding": False,
+    # Header names with "_" are dropped: X_Upstream_Host must not pass for X-Upstream-Host.
+    "header_map": "drop",
+    # HTTP/1.1 only: no h2c upgrade or prior-knowledge HTTP/2 on the listener.
+    "http_protocols": "h1",
+    "http2_cleartext": "off",
+    # No peer may set SCRIPT_NAME/PATH_INFO or the scheme through headers: the proxy is
+    # the first hop, and gunicorn trusts loopback peers by default.
+    "forwarded_allow_ips": "",
+}
+
 
 def gunicorn_options(config: Config) -> dict[str, t.Any]:
-    """gunicorn settings for ``config``; no hooks and no application, just settings."""
+    """gunicorn settings for ``config``: settings, and the metrics hooks when metrics are on."""
     options: dict[str, t.Any] = {
         "bind": [config.listen.bind],
-        "worker_class": "gthread",
+        "worker_class": WORKER_CLASS,
         "workers": config.workers,
         "threads": config.threads,
         "graceful_timeout": int(-(-config.graceful_timeout_s // 1)),  # gunicorn takes whole seconds; round up
@@ -47,12 +240,15 @@ def gunicorn_options(config: Config) -> dict[str, t.Any]:
         # No control socket: under a hardened unit there is no writable home for it, and
         # several proxies on one host would fight over one path.
         "control_socket_disable": True,
+        **REQUEST_PARSING_OPTIONS,
     }
     if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
         options["worker_tmp_dir"] = SHM_DIR
     if config.tls_cert:
         options["certfile"] = config.tls_cert
         options["keyfile"] = config.tls_key
+    if config.metrics_enabled:
+        options.update(metrics_hooks(config))
     return options
 
 
@@ -74,6 +270,16 @@ class GunicornApp(BaseApplication):
         return create_app(self.config)
 
 
+def log_startup_warnings(config: Config) -> None:
+    """Log :meth:`Config.startup_warnings` in the proxy's log format, before gunicorn starts."""
+    warnings = config.startup_warnings()
+    if warnings:
+        logs.configure(config.log_level, config.log_format)
+        for warning in warnings:
+            logging.getLogger("jwt_proxy.config").warning(warning)
+
+
 def run(config: Config) -> None:
     """Serve until SIGTERM or SIGINT; returns when gunicorn's master has exited."""
+    log_startup_warnings(config)
     GunicornApp(config).run()

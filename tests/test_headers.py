@@ -10,10 +10,10 @@ from jwt_proxy.headers import filter_request_headers
 from jwt_proxy.headers import filter_response_headers
 
 
-def test_hop_by_hop_names_are_the_rfc_set_plus_proxy_connection():
+def test_hop_by_hop_names_are_the_rfc_set_plus_proxy_connection_and_http2_settings():
     assert HOP_BY_HOP == {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "http2-settings",
     }
 
 

@@ -1,0 +1,174 @@
+"""The gunicorn worker: gthread, with a deadline on request heads and request-free error logs.
+
+gunicorn's gthread worker waits for a new connection's first byte without holding a
+thread (``DEFAULT_WORKER_DATA_TIMEOUT``, 5 s, then the keep-alive poller), but once a
+byte has arrived a pool thread reads the rest of the head with blocking reads that have
+no timeout, and its ``timeout`` setting is only a liveness check of the worker process.
+A client that sends its head one byte a second would hold that thread for as long as it
+likes, and ``--threads`` such clients would stop the worker. :class:`ProxyWorker` gives
+every head :data:`REQUEST_HEAD_TIMEOUT_S` from the moment a thread takes the connection
+(a new one, or a kept-alive one whose next request has begun): the worker's main loop,
+which wakes at least once a second, shuts down the socket of any connection still
+without a complete head after that, so the blocked read ends and the thread is freed.
+
+It also keeps request bytes out of the log. gunicorn describes a malformed request with
+the bytes it choked on (``Invalid HTTP request line: 'GET /?secret=...'``, a partial
+head with its ``Authorization`` line at debug level when a client leaves early); here the
+record and the ``400`` body name the kind of error and, at most, a header name.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import socket
+import threading
+import time
+import typing as t
+
+from gunicorn.http import errors
+from gunicorn.workers.gthread import ThreadWorker
+
+#: The longest a pool thread waits for a complete request head (request line and header
+#: lines), TLS handshake included. Clients of a sidecar send their head in one write; ten
+#: seconds leave room for a loaded host and none for a client that drips it. The check
+#: runs once a second, so a connection is closed 10 to 11 s after a thread took it.
+REQUEST_HEAD_TIMEOUT_S = 10.0
+
+# What a malformed request is called in the log and in the 400 body, instead of its bytes.
+_DESCRIPTIONS: dict[type[BaseException], str] = {
+    errors.InvalidRequestLine: "invalid request line",
+    errors.InvalidRequestMethod: "invalid request method",
+    errors.InvalidHTTPVersion: "invalid HTTP version",
+    errors.InvalidHeaderName: "invalid header name",
+    errors.InvalidHeader: "invalid header",
+    errors.ObsoleteFolding: "obsolete line folding",
+    errors.LimitRequestLine: "request line too long",
+    errors.LimitRequestHeaders: "too many or too large header fields",
+    errors.ExpectationFailed: "unsupported expectation",
+    errors.InvalidChunkSize: "invalid chunked body",
+    errors.ChunkMissingTerminator: "invalid chunked body",
+    errors.InvalidChunkExtension: "invalid chunked body",
+    errors.InvalidSchemeHeaders: "contradictory scheme headers",
+    errors.InvalidProxyLine: "invalid PROXY line",
+    errors.InvalidH2CPreface: "invalid HTTP/2 preface",
+    errors.NoMoreData: "client closed the connection",
+}
+# A header name as gunicorn reports it once parsed (upper-cased token): safe to name. A
+# raw line (no colon) or an invalid name is not.
+_HEADER_NAME = re.compile(r"[A-Z0-9!#$%&'*+.^_`|~-]{1,64}")
+_redacted_classes: dict[type[BaseException], type[BaseException]] = {}
+
+
+class _Redacted:
+    """Mixed into a copy of a gunicorn parse error: same class for gunicorn's status
+    mapping, a message without request bytes."""
+
+    _jwt_proxy_text = "bad request"
+
+    def __str__(self) -> str:
+        return self._jwt_proxy_text
+
+
+def redact(exc: BaseException) -> BaseException:
+    """``exc`` if it carries no request bytes, else a copy of the same class whose
+    ``str()`` is a fixed description (plus the header name, when it is one).
+
+    An unknown transfer coding becomes an invalid ``TRANSFER-ENCODING`` header, so every
+    framing error gets the same ``400`` (gunicorn answers it alone with ``501``).
+    """
+    if isinstance(exc, errors.UnsupportedTransferCoding):
+        exc = errors.InvalidHeader("TRANSFER-ENCODING")
+    description = next((text for cls, text in _DESCRIPTIONS.items() if isinstance(exc, cls)), None)
+    if description is None:
+        return exc
+    name = getattr(exc, "hdr", None)
+    if isinstance(exc, (errors.InvalidHeader, errors.ObsoleteFolding)) and isinstance(name, str):
+        if _HEADER_NAME.fullmatch(name):
+            description = f"{description}: {name}"
+    cls = type(exc)
+    redacted_cls = _redacted_classes.get(cls)
+    if redacted_cls is None:
+        redacted_cls = _redacted_classes[cls] = type(cls.__name__, (_Redacted, cls), {"__module__": cls.__module__})
+    redacted = copy.copy(exc)
+    redacted.__class__ = redacted_cls
+    redacted._jwt_proxy_text = description  # type: ignore[attr-defined]
+    return redacted
+
+
+class _ExceptionArgsFilter(logging.Filter):
+    """Writes exceptions passed as ``%s`` arguments to gunicorn's records as their class
+    name: ``NoMoreData`` carries the partial head of a client that left."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(arg, BaseException) for arg in record.args):
+            record.args = tuple(type(arg).__name__ if isinstance(arg, BaseException) else arg for arg in record.args)
+        return True
+
+
+EXCEPTION_ARGS_FILTER = _ExceptionArgsFilter()
+
+
+class ProxyWorker(ThreadWorker):
+    """gunicorn's ``gthread`` worker with :data:`REQUEST_HEAD_TIMEOUT_S` and redacted
+    parse errors (see the module docstring)."""
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Connection -> monotonic deadline of the head being read on it by a pool thread.
+        self._head_deadlines: dict[t.Any, float] = {}
+        self._head_lock = threading.Lock()
+
+    def init_process(self) -> None:
+        self.log.error_log.addFilter(EXCEPTION_ARGS_FILTER)
+        super().init_process()  # runs the worker until it exits
+
+    def handle(self, conn: t.Any) -> t.Any:
+        with self._head_lock:
+            self._head_deadlines[conn] = time.monotonic() + REQUEST_HEAD_TIMEOUT_S
+        try:
+            return super().handle(conn)
+        finally:
+            self._head_received(conn)
+
+    def handle_request(self, req: t.Any, conn: t.Any) -> bool:
+        self._head_received(conn)  # the head is in: from here the request is the app's
+        return super().handle_request(req, conn)
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        self.close_slow_heads()
+
+    def close_slow_heads(self) -> None:
+        """Shut down every connection whose head is overdue (main loop, once a second).
+
+        Under the lock, so that a head completing at this moment either is still listed
+        and closed, or has been taken off the list by :meth:`handle_request` first.
+        """
+        now = time.monotonic()
+        with self._head_lock:
+            for conn, deadline in list(self._head_deadlines.items()):
+                if deadline > now:
+                    continue
+                try:
+                    # socket.socket's own method: SSLSocket.shutdown would also drop the
+                    # TLS state that the pool thread is using at this moment.
+                    socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+                except OSError:
+                    continue  # the socket is being replaced (TLS wrap) or already closed
+                del self._head_deadlines[conn]
+                self.log.info(
+                    "Closed a connection without a complete request head after %ss (client %s)",
+                    REQUEST_HEAD_TIMEOUT_S,
+                    conn.client[0] if isinstance(conn.client, tuple) else conn.client,
+                )
+
+    def handle_error(self, req: t.Any, client: t.Any, addr: t.Any, exc: BaseException) -> None:
+        if req is not None and isinstance(getattr(req, "uri", None), str):
+            req.uri = req.uri.partition("?")[0]  # logged with 500s; a query may hold secrets
+        super().handle_error(req, client, addr, redact(exc))
+
+    def _head_received(self, conn: t.Any) -> None:
+        with self._head_lock:
+            self._head_deadlines.pop(conn, None)
