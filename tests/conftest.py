@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,10 +29,23 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 
 
+_ports_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, never the same twice in one test run.
+
+    The kernel may hand a just-released port out again, so two calls in a row (listener
+    and metrics port of one proxy) could otherwise collide.
+    """
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port")
 
 
 def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -131,6 +145,11 @@ class Process:
         self._stderr.close()
         return self.popen.returncode
 
+    def cleanup(self) -> None:
+        """Stop the process and remove its log files (for fixture teardown)."""
+        self.stop()
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def local_sts():
@@ -139,7 +158,7 @@ def local_sts():
     process = Process([JWT_PROXY, "local-sts", "--listen-addr", f"127.0.0.1:{port}"], aws_env(), port).wait_ready()
     sts = LocalSTSHandle(f"http://127.0.0.1:{port}", process)
     yield sts
-    process.stop()
+    process.cleanup()
 
 
 class LocalSTSHandle:
@@ -219,4 +238,4 @@ def start_proxy(sts):
 
     yield start
     for process in started:
-        process.stop()
+        process.cleanup()

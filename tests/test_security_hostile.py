@@ -103,6 +103,7 @@ def target(local_sts):
         finally:
             proxy.stop()
     failures = [r for r in proxy.records() if r.get("msg") == "upstream request failed"]
+    proxy.cleanup()
     assert not failures, failures  # nothing but the recording upstream was ever dialled
 
 
