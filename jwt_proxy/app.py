@@ -22,9 +22,11 @@ from flask import Response
 from flask import g
 from flask import request
 from werkzeug.routing import BaseConverter
+from werkzeug.wsgi import ClosingIterator
 
 from . import forward
 from . import sts
+from . import tunnel
 from .headers import append_forwarded_for
 from .headers import filter_request_headers
 from .headers import request_framing_error
@@ -64,6 +66,14 @@ class ProxyResponse(Response):
 
     default_mimetype = None
     automatically_set_content_length = False
+
+
+class UpgradeResponse(ProxyResponse):
+    """A ``101``: the server sends the head, then runs the body iterable, the tunnel's
+    relay (werkzeug would give any 1xx an empty body, P13)."""
+
+    def get_app_iter(self, environ: dict[str, t.Any]) -> t.Iterable[bytes]:
+        return ClosingIterator(self.response, self.close)
 
 
 class _AnyPathConverter(BaseConverter):
@@ -229,6 +239,9 @@ class Proxy:
         content_length = request.content_length
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         has_body = chunked or content_length is not None
+        upgrade = tunnel.is_websocket_upgrade(request.method, request.headers.items())
+        if upgrade and not has_body and "gunicorn.socket" in environ:
+            return self._tunnel(upstream, target, headers, environ)
         started = time.perf_counter()
         try:
             upstream_response = forward.send(
@@ -250,11 +263,50 @@ class Proxy:
             raise
         self._observe_upstream(upstream, "", TOKEN_OK, started)
         response = ProxyResponse(
-            upstream_response.iter_body(),
+            _stream_body(upstream_response.iter_body(), g.target),
             status=f"{upstream_response.status} {upstream_response.reason}".rstrip(),
             headers=upstream_response.headers,
         )
         response.call_on_close(upstream_response.close)
+        return response
+
+    def _tunnel(
+        self, upstream: Upstream, target: str, headers: list[tuple[str, str]], environ: dict[str, t.Any]
+    ) -> ProxyResponse:
+        """A WebSocket handshake (:mod:`jwt_proxy.tunnel`): after the upstream's ``101``, a
+        ``101`` whose body relays the two connections; any other answer passed back."""
+        started = time.perf_counter()
+        try:
+            opened = tunnel.open_tunnel(
+                tunnel.transport_of(self.session),
+                base_url=upstream.base_url,
+                target=target,
+                headers=headers,
+                timeout_s=self.config.upstream_timeout_s,
+            )
+        except forward.UpstreamForbidden:
+            raise
+        except forward.UpstreamError as exc:
+            self._observe_upstream(upstream, exc.error_type, TOKEN_OK, started)
+            raise
+        self._observe_upstream(upstream, "", TOKEN_OK, started)
+        response: ProxyResponse
+        if opened.switched:
+            relay = opened.relay(
+                environ["gunicorn.socket"], client_bytes=lambda: tunnel.read_ahead(environ), target=g.target
+            )
+            response = UpgradeResponse(
+                relay,
+                status=f"101 {opened.reason or 'Switching Protocols'}",
+                headers=[*opened.headers, *tunnel.UPGRADE_HEADERS],
+            )
+        else:
+            response = ProxyResponse(
+                _stream_body(opened.iter_body(), g.target),
+                status=f"{opened.status} {opened.reason}".rstrip(),
+                headers=opened.headers,
+            )
+        response.call_on_close(opened.close)
         return response
 
     def _observe_upstream(self, upstream: Upstream, error_type: str, token_result: str, started: float) -> None:
@@ -272,6 +324,23 @@ class Proxy:
 # token_result label values (the Go proxy's); see jwt_proxy.metrics.
 TOKEN_OK = "ok"
 TOKEN_FETCH_ERROR = "fetch_error"
+
+
+def _stream_body(body: t.Iterator[bytes], target: str) -> t.Iterator[bytes]:
+    """The response body for the server: an empty piece first, so that gunicorn sends the
+    head as soon as the upstream's is in (an event stream's first event may come much
+    later), then ``body`` as it arrives. If the upstream breaks off, an error record
+    naming the target, and the error goes on to the server, which drops the client
+    connection rather than end a truncated body cleanly (P7)."""
+    try:
+        yield b""
+        yield from body
+    except forward.UpstreamError as exc:
+        log.error(
+            "upstream response body failed",
+            extra={"target": target, "error_type": exc.error_type, "error": str(exc)},
+        )
+        raise
 
 
 def _target_from_path(environ: dict[str, t.Any]) -> str:
@@ -383,7 +452,11 @@ def create_app(
     app.url_map.converters["anypath"] = _AnyPathConverter
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    app.add_url_rule("/<anypath:_path>", "proxy", Proxy(config, tokens, session, recorder), methods=STANDARD_METHODS)
+    view = Proxy(config, tokens, session, recorder)
+    app.add_url_rule("/<anypath:_path>", "proxy", view, methods=STANDARD_METHODS)
+    # werkzeug routes a request with "Upgrade: websocket" only to websocket rules (else
+    # 400 WebsocketMismatch); the same view decides (jwt_proxy.tunnel).
+    app.add_url_rule("/<anypath:_path>", "proxy_websocket", view, websocket=True)
     for rule in app.url_map.iter_rules():
         rule.methods = None
 

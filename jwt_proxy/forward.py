@@ -96,6 +96,10 @@ MAX_INTERIM_RESPONSES = 5
 #: Default size of one read from the upstream body: an upper bound, read1 returns what
 #: one recv gave.
 BODY_CHUNK_BYTES = 65536
+#: Size of one read from the client's request body, and so of one send upstream: urllib3's
+#: default of 16 KiB costs a third of the upload throughput (1 GiB: ~8 s instead of ~5 s
+#: on a 2-core host). One such block per thread is held at a time.
+REQUEST_BLOCK_BYTES = BODY_CHUNK_BYTES
 
 # A request target as gunicorn accepts it (RFC 9112 3.2: printable ASCII, origin-form).
 _ORIGIN_FORM_RE = re.compile(r"/[\x21-\x7e]*\Z")
@@ -607,6 +611,7 @@ class _ProxyAdapter(HTTPAdapter):
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: t.Any) -> None:
         pool_kwargs["ssl_context"] = self._ssl_context
+        pool_kwargs["blocksize"] = REQUEST_BLOCK_BYTES
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
         self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
 
@@ -617,6 +622,7 @@ class _ProxyAdapter(HTTPAdapter):
             return super().proxy_manager_for(proxy, **proxy_kwargs)
         if proxy not in self.proxy_manager:
             proxy_kwargs["ssl_context"] = self._ssl_context  # for the upstream, inside the tunnel
+            proxy_kwargs["blocksize"] = REQUEST_BLOCK_BYTES
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
         manager.pool_classes_by_scheme = _POOL_CLASSES
         return manager
