@@ -99,14 +99,7 @@ def make_token_store(config: Config, *, client: t.Any = None, recorder: WorkerMe
     """
     if client is None:
         client = make_sts_client(config)
-    fetch = sts.make_fetch(
-        client,
-        signing_algorithm=config.token_signing_algorithm,
-        duration_s=config.token_duration_s,
-        scope=config.token_scope,
-        subject_mode=config.token_subject_mode,
-        tags=config.token_tags,
-    )
+    fetch = sts.make_fetch_for(client, config)
     if recorder is None:
         return TokenStore(fetch, refresh_skew_s=config.token_refresh_skew_s)
     return TokenStore(

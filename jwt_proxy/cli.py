@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import sys
 import threading
 import typing as t
 
@@ -273,7 +272,7 @@ def token_command(ctx: click.Context, audience: tuple[str, ...], decode: bool) -
 
     import jwt
 
-    from .sts import make_fetch
+    from .sts import make_fetch_for
     from .sts import make_sts_client
     from .tokens import TokenUnavailable
 
@@ -294,14 +293,7 @@ def token_command(ctx: click.Context, audience: tuple[str, ...], decode: bool) -
         client = make_sts_client(config.region, timeout_s=config.upstream_timeout_s)
     except Exception as exc:  # e.g. botocore's InvalidRegionError
         raise click.UsageError(f"AWS configuration: {exc}") from None
-    fetch = make_fetch(
-        client,
-        signing_algorithm=config.token_signing_algorithm,
-        duration_s=config.token_duration_s,
-        scope=config.token_scope,
-        subject_mode=config.token_subject_mode,
-        tags=config.token_tags,
-    )
+    fetch = make_fetch_for(client, config)
     try:
         minted = fetch(config.token_audiences)
     except TokenUnavailable as exc:

@@ -20,6 +20,7 @@ from .routing import PATTERN_HELP
 from .routing import Allowlist
 from .routing import Authority
 from .routing import Upstream
+from .routing import is_loopback_host
 from .routing import is_restricted_address
 from .routing import literal_address
 from .routing import parse_authority
@@ -37,9 +38,9 @@ MAX_TAGS = 50
 MAX_TAG_KEY_CHARS = 128
 MAX_TAG_VALUE_CHARS = 256
 # Scope values: printable ASCII except space, '"', ',' and '\' (STS's Scope pattern).
-_SCOPE = re.compile(r"[\x21\x23-\x2B\x2D-\x5B\x5D-\x7E]+( [\x21\x23-\x2B\x2D-\x5B\x5D-\x7E]+)*")
+SCOPE_PATTERN = re.compile(r"[\x21\x23-\x2B\x2D-\x5B\x5D-\x7E]+( [\x21\x23-\x2B\x2D-\x5B\x5D-\x7E]+)*")
 # Tag keys and values: letters, separators, numbers and _.:/=+-@ (STS's \p{L}\p{Z}\p{N} pattern).
-_TAG_PUNCTUATION = frozenset("_.:/=+-@")
+TAG_EXTRA_CHARS = frozenset("_.:/=+-@")
 
 SIGNING_ALGORITHMS = ("RS256", "ES384")
 SUBJECT_MODES = ("AWSIdentity", "OriginIdentity")
@@ -124,15 +125,6 @@ class ListenAddress:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
-    @property
-    def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
 
 def parse_listen_addr(flag: str, text: str) -> ListenAddress:
     allowed = "use host:port, [v6]:port or :port (all interfaces), with a port from 1 to 65535"
@@ -208,7 +200,7 @@ class Config:
         """
         if self.upstream_scheme != "http":
             return ()
-        if self.upstream is not None and _is_loopback(self.upstream.host):
+        if self.upstream is not None and is_loopback_host(self.upstream.host):
             return ()
         where = f"to {self.upstream}" if self.upstream is not None else "to any upstream a client names"
         return (
@@ -376,16 +368,6 @@ class Config:
         )
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.lower().rstrip(".")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_pinned(text: str, upstream: Authority, scheme: str, allowlist: Allowlist) -> None:
     """The pinned upstream obeys the rules a client-chosen one would (SPEC section 3)."""
     if not allowlist.allows(Upstream(scheme, upstream)):
@@ -430,7 +412,7 @@ def _parse_scope(scope: str, subject_mode: str | None, audiences: tuple[str, ...
 
     With no configured audience every request derives exactly one, which STS accepts.
     """
-    if not 1 <= len(scope) <= MAX_SCOPE_CHARS or not _SCOPE.fullmatch(scope):
+    if not 1 <= len(scope) <= MAX_SCOPE_CHARS or not SCOPE_PATTERN.fullmatch(scope):
         raise ConfigError(
             "--token-scope",
             scope,
@@ -446,8 +428,9 @@ def _parse_scope(scope: str, subject_mode: str | None, audiences: tuple[str, ...
     return scope
 
 
-def _is_tag_text(text: str) -> bool:
-    return all(c in _TAG_PUNCTUATION or unicodedata.category(c)[0] in "LZN" for c in text)
+def is_tag_text(text: str) -> bool:
+    """Letters, separators, numbers and ``_.:/=+-@``: STS's tag key and value characters."""
+    return all(c in TAG_EXTRA_CHARS or unicodedata.category(c)[0] in "LZN" for c in text)
 
 
 def _parse_tags(values: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -456,11 +439,11 @@ def _parse_tags(values: Iterable[str]) -> tuple[tuple[str, str], ...]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError("--token-tag", item, "use KEY=VALUE")
-        if len(key) > MAX_TAG_KEY_CHARS or not _is_tag_text(key):
+        if len(key) > MAX_TAG_KEY_CHARS or not is_tag_text(key):
             raise ConfigError(
                 "--token-tag", item, f"keys are 1 to {MAX_TAG_KEY_CHARS} letters, digits, spaces or _.:/=+-@"
             )
-        if len(value) > MAX_TAG_VALUE_CHARS or not _is_tag_text(value):
+        if len(value) > MAX_TAG_VALUE_CHARS or not is_tag_text(value):
             raise ConfigError(
                 "--token-tag", item, f"values are at most {MAX_TAG_VALUE_CHARS} letters, digits, spaces or _.:/=+-@"
             )

@@ -4,7 +4,7 @@
    explicit override such as ``AWS_ENDPOINT_URL_STS``);
 2. ``credentials``: ``GetCallerIdentity`` on that same client;
 3. ``token``: ``GetWebIdentityToken`` for the audience set the proxy would use, with the
-   proxy's own settings (:func:`jwt_proxy.sts.make_fetch`);
+   proxy's own settings (:func:`jwt_proxy.sts.make_fetch_for`);
 4. ``claims``: the token's header and claims match what was asked for;
 5. ``signature``: the token verifies against the issuer's published keys
    (``<iss>/.well-known/openid-configuration`` -> ``jwks_uri``), unless offline.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import ipaddress
 import json
 import os
 import time
@@ -33,10 +32,10 @@ from urllib.parse import urlsplit
 import jwt
 
 from .routing import Upstream
+from .routing import is_loopback_host
 from .sts import HINTS
 from .sts import caller_identity
-from .sts import hint_for
-from .sts import make_fetch
+from .sts import make_fetch_for
 from .sts import make_sts_client
 from .sts import resolve_region
 from .tokens import TokenUnavailable
@@ -255,15 +254,6 @@ def check_token(
 # -- 4. claims -----------------------------------------------------------------------
 
 
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _issuer_problem(issuer: object) -> str | None:
     """Why ``issuer`` is not an https URL (or http on loopback, for local-sts); None if fine."""
     if not isinstance(issuer, str) or not issuer:
@@ -273,7 +263,7 @@ def _issuer_problem(issuer: object) -> str | None:
         return f"iss {issuer!r} is not a URL"
     if parts.scheme == "https":
         return None
-    if parts.scheme == "http" and _is_loopback_host(parts.hostname):
+    if parts.scheme == "http" and is_loopback_host(parts.hostname):
         return None
     return f"iss {issuer!r} is not an https URL"
 
@@ -456,14 +446,7 @@ def run_checks(config: Config, *, offline: bool = False, environ: Mapping[str, s
         yield _skipped(TOKEN, NO_AUDIENCE_NOTE)
         yield from (_skipped(name, "needs a token") for name in CHECK_NAMES[3:])
         return
-    fetch = make_fetch(
-        client,
-        signing_algorithm=config.token_signing_algorithm,
-        duration_s=config.token_duration_s,
-        scope=config.token_scope,
-        subject_mode=config.token_subject_mode,
-        tags=config.token_tags,
-    )
+    fetch = make_fetch_for(client, config)
     try:
         token_check, token = check_token(fetch, audiences, source=source)
     except Exception as exc:  # a bug must not hide the checks already printed

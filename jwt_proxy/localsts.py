@@ -64,7 +64,6 @@ import sys
 import threading
 import time
 import typing as t
-import unicodedata
 import uuid
 from dataclasses import dataclass
 from dataclasses import field
@@ -81,6 +80,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import ECAlgorithm
 from jwt.algorithms import RSAAlgorithm
+
+from .config import MAX_AUDIENCE_CHARS
+from .config import MAX_AUDIENCES
+from .config import MAX_SCOPE_CHARS
+from .config import MAX_TAG_KEY_CHARS
+from .config import MAX_TAG_VALUE_CHARS
+from .config import MAX_TAGS
+from .config import MAX_TOKEN_DURATION_S
+from .config import MIN_TOKEN_DURATION_S
+from .config import SCOPE_PATTERN
+from .config import SIGNING_ALGORITHMS
+from .config import SUBJECT_MODES
+from .config import is_tag_text
 
 STS_API_VERSION = "2011-06-15"
 STS_XML_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
@@ -101,23 +113,10 @@ CALLER_USER_ID = f"AROALOCALSTSCALLER000:{CALLER_SESSION_NAME}"
 ORIGIN_SUBJECT = "local-sts-origin-user"
 DEFAULT_SOURCE_REGION = "us-east-1"
 
-# Constraints of the STS service model (botocore sts/2011-06-15/service-2.json).
-MIN_DURATION_S = 60
-MAX_DURATION_S = 3600
-DEFAULT_DURATION_S = 300
-MAX_AUDIENCES = 10
-MAX_AUDIENCE_CHARS = 1000
-MAX_SCOPE_CHARS = 256
-MAX_TAGS = 50
-MAX_TAG_KEY_CHARS = 128
-MAX_TAG_VALUE_CHARS = 256
-SIGNING_ALGORITHMS = ("RS256", "ES384")
-SUBJECT_MODES = ("AWSIdentity", "OriginIdentity")
-SCOPE_PATTERN = re.compile(
-    r"[\x21\x23-\x2B\x2D-\x5B\x5D-\x7E]+( [\x21\x23-\x2B\x2D-\x5B\x5D-\x7E]+)*"
-)
-# Tag keys/values: [\p{L}\p{Z}\p{N}_.:/=+\-@]; Python's re has no \p{..} classes.
-TAG_EXTRA_CHARS = frozenset("_.:/=+-@")
+# Constraints of the STS service model, shared with the proxy's start-up validation.
+MIN_DURATION_S = MIN_TOKEN_DURATION_S
+MAX_DURATION_S = MAX_TOKEN_DURATION_S
+DEFAULT_DURATION_S = 300  # STS's default when DurationSeconds is absent
 
 RSA_KEY_BITS = 2048
 MAX_REQUEST_BODY_BYTES = 1024 * 1024
@@ -281,12 +280,6 @@ def _list_members(params: dict[str, str], name: str, suffix: str = "") -> list[s
     return [found[i] for i in range(1, len(found) + 1)]
 
 
-def _is_tag_text(text: str) -> bool:
-    return all(
-        unicodedata.category(ch)[0] in "LZN" or ch in TAG_EXTRA_CHARS for ch in text
-    )
-
-
 def parse_get_web_identity_token(params: dict[str, str]) -> TokenRequest:
     """Validate a GetWebIdentityToken request the way STS does, or raise ValidationError.
 
@@ -385,7 +378,7 @@ def parse_get_web_identity_token(params: dict[str, str]) -> TokenRequest:
                     f"tags.{index}.member.key",
                     f"have length between 1 and {MAX_TAG_KEY_CHARS}",
                 )
-            elif not _is_tag_text(key):
+            elif not is_tag_text(key):
                 fail(
                     f"'{key[:64]}'",
                     f"tags.{index}.member.key",
@@ -397,7 +390,7 @@ def parse_get_web_identity_token(params: dict[str, str]) -> TokenRequest:
                     f"tags.{index}.member.value",
                     f"have length less than or equal to {MAX_TAG_VALUE_CHARS}",
                 )
-            elif not _is_tag_text(value):
+            elif not is_tag_text(value):
                 fail(
                     f"'{value[:64]}'",
                     f"tags.{index}.member.value",

@@ -370,3 +370,14 @@ def request_target(raw_uri: str) -> str:
 def strip_query(target: str) -> str:
     """The path of a target, for log records: a query string may carry secrets."""
     return target.partition("?")[0]
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address, no brackets) is ``localhost`` or a loopback address."""
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

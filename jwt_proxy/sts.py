@@ -32,12 +32,15 @@ from jwt_proxy.tokens import TokenUnavailable
 if t.TYPE_CHECKING:
     from botocore.client import BaseClient
 
+    from .config import Config
+
 __all__ = [
     "HINTS",
     "STS_MAX_ATTEMPTS",
     "credentials_expiry",
     "hint_for",
     "make_fetch",
+    "make_fetch_for",
     "make_sts_client",
     "resolve_region",
 ]
@@ -368,6 +371,19 @@ def caller_identity(client: BaseClient) -> dict[str, str]:
         return client.get_caller_identity()
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise _unavailable((), *classify_error(exc)) from exc
+
+
+def make_fetch_for(client: BaseClient, config: Config) -> t.Callable[[AudienceSet], Token]:
+    """:func:`make_fetch` with the token settings of ``config``: the proxy, ``jwt-proxy
+    token`` and ``jwt-proxy doctor`` mint exactly the same tokens."""
+    return make_fetch(
+        client,
+        signing_algorithm=config.token_signing_algorithm,
+        duration_s=config.token_duration_s,
+        scope=config.token_scope,
+        subject_mode=config.token_subject_mode,
+        tags=config.token_tags,
+    )
 
 
 def _error_code(exc: botocore.exceptions.ClientError) -> str:
