@@ -36,8 +36,10 @@ finishing a truncated body.
 from __future__ import annotations
 
 import contextvars
+import functools
 import http.client
 import ipaddress
+import os
 import re
 import socket
 import ssl
@@ -337,6 +339,27 @@ def make_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     return context
 
 
+# The variables requests reads to pick an egress proxy (either case).
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
+#: Upstreams whose proxy decision a worker remembers (pinned mode needs one).
+MAX_CACHED_PROXY_DECISIONS = 256
+
+
+def environ_proxies(base_url: str) -> dict[str, str]:
+    """``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` for one upstream (``scheme://host:port``).
+
+    The decision depends only on the upstream and those variables, and working it out
+    (``requests.utils.get_environ_proxies``) cost about a tenth of a proxied request's CPU
+    (bench/), so it is made once per upstream and variable values, not per request.
+    """
+    return dict(_environ_proxies(base_url, tuple(os.environ.get(name) for name in _PROXY_VARIABLES)))
+
+
+@functools.lru_cache(maxsize=MAX_CACHED_PROXY_DECISIONS)
+def _environ_proxies(base_url: str, _variables: tuple[str | None, ...]) -> dict[str, str]:
+    return get_environ_proxies(base_url)
+
+
 def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: float) -> UpstreamResponse:
     """Send ``request`` and return once the upstream's response headers are in.
 
@@ -355,7 +378,7 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
     parts = urlsplit(request.base_url)
     host = parts.netloc
     prepared = _prepare(request)
-    proxies = get_environ_proxies(prepared.url)
+    proxies = environ_proxies(request.base_url)
     if select_proxy(prepared.url, proxies):
         # The proxy resolves and dials the target: only an address literal can be
         # checked here (a direct connection is checked in _RawTargetConnection).

@@ -42,7 +42,6 @@ import typing as t
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from requests.utils import get_environ_proxies
 from requests.utils import select_proxy
 
 from . import forward
@@ -266,7 +265,7 @@ def _connect(policy: forward.AddressPolicy, base_url: str, hostname: str, port: 
     resolved once, every address checked, only checked addresses dialled. Through an
     ``HTTP(S)_PROXY`` (an ``http://`` one): a ``CONNECT`` tunnel, where only an address
     literal can be checked, as in :func:`forward.send`."""
-    proxy = select_proxy(base_url, get_environ_proxies(base_url))
+    proxy = select_proxy(base_url, forward.environ_proxies(base_url))
     if proxy:
         address = forward.literal_address(hostname)
         if address is not None and policy.refuses(address):
