@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 import typing as t
-from http.server import BaseHTTPRequestHandler
 
 import jwt
 from jwt.exceptions import InvalidTokenError
@@ -32,9 +31,9 @@ from jwt.exceptions import PyJWKClientError
 
 from .config import ConfigError
 from .config import parse_listen_addr
-from .localsts import IDLE_CONNECTION_TIMEOUT_S
 from .localsts import SIGNING_ALGORITHMS
 from .localsts import DevHTTPServer
+from .localsts import DevRequestHandler
 from .localsts import LocalSTS
 from .localsts import ServerThread
 from .localsts import format_url
@@ -129,21 +128,11 @@ class _EchoHTTPServer(DevHTTPServer):
     echo: EchoUpstream
 
 
-class _EchoHandler(BaseHTTPRequestHandler):
+class _EchoHandler(DevRequestHandler):
     """Any method, any path: verify the bearer JWT, then echo what arrived."""
 
     server: _EchoHTTPServer
-    protocol_version = "HTTP/1.1"
-    timeout = IDLE_CONNECTION_TIMEOUT_S
-
-    def version_string(self) -> str:
-        return "jwt-proxy-demo-echo"
-
-    def log_request(self, code: t.Any = "-", size: t.Any = "-") -> None:
-        pass  # _handle writes one line per request
-
-    def log_message(self, format: str, *args: t.Any) -> None:
-        log_line("echo-upstream", f"{self.client_address[0]} {format % args}")
+    source = "echo-upstream"
 
     def _handle(self) -> None:
         echo = self.server.echo
@@ -188,7 +177,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
                 size = int(size_line.split(b";", 1)[0].strip() or b"x", 16)
                 if size == 0:
                     while self.rfile.readline(MAX_CHUNK_LINE_BYTES) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
+                        continue  # skip trailer lines
                     return total
                 total += self._discard(size)
                 self.rfile.readline(MAX_CHUNK_LINE_BYTES)

@@ -672,15 +672,30 @@ class _STSHTTPServer(DevHTTPServer):
     local_sts: LocalSTS
 
 
-class _STSHandler(BaseHTTPRequestHandler):
-    """One HTTP request to the local STS; the logic lives in :class:`LocalSTS`."""
+class DevRequestHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive with an idle bound, one log line per request written by the
+    subclass (with what it knows, e.g. the STS action), and ``source`` naming the server
+    in the server header and in its log lines. Shared by local-sts and the demo's echo."""
 
-    server: _STSHTTPServer
+    source = "dev-server"
     protocol_version = "HTTP/1.1"
     timeout = IDLE_CONNECTION_TIMEOUT_S
 
     def version_string(self) -> str:
-        return "local-sts"
+        return self.source
+
+    def log_request(self, code: t.Any = "-", size: t.Any = "-") -> None:
+        """Silenced: the subclass writes the request's one line itself."""
+
+    def log_message(self, format: str, *args: t.Any) -> None:
+        log_line(self.source, f"{self.client_address[0]} {format % args}")
+
+
+class _STSHandler(DevRequestHandler):
+    """One HTTP request to the local STS; the logic lives in :class:`LocalSTS`."""
+
+    server: _STSHTTPServer
+    source = "local-sts"
 
     def do_GET(self) -> None:
         self._handle()
@@ -690,12 +705,6 @@ class _STSHandler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._handle()
-
-    def log_request(self, code: t.Any = "-", size: t.Any = "-") -> None:
-        pass  # one line per request is written by _handle, with the action
-
-    def log_message(self, format: str, *args: t.Any) -> None:
-        log_line("local-sts", f"{self.client_address[0]} {format % args}")
 
     def _handle(self) -> None:
         self._started = time.monotonic()
