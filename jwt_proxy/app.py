@@ -30,6 +30,7 @@ from . import tunnel
 from .headers import append_forwarded_for
 from .headers import filter_request_headers
 from .headers import request_framing_error
+from .logs import exception_fields
 from .routing import BODY_FORBIDDEN
 from .routing import DEFAULT_PORTS
 from .routing import RoutingError
@@ -402,7 +403,7 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        log.exception("unexpected error", extra={"target": g.get("target", "")})
+        log.error("unexpected error", extra={"target": g.get("target", ""), **exception_fields(exc)})
         return _plain(500, BODY_INTERNAL_ERROR)
 
 

@@ -42,6 +42,23 @@ def _fields(record: logging.LogRecord) -> dict[str, t.Any]:
     return fields
 
 
+def exception_fields(exc: BaseException) -> dict[str, str]:
+    """Log fields for an unexpected exception: its type and where it was raised.
+
+    Not its message: an unexpected error can quote what it choked on (botocore's parser
+    errors quote the raw STS response, which holds the token; http.client quotes header
+    values), so records of errors nobody anticipated carry no message.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = ""
+    if tb is not None:
+        code = tb.tb_frame.f_code
+        where = f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}"
+    return {"error": type(exc).__name__, "raised_at": where}
+
+
 class JsonFormatter(logging.Formatter):
     """A JSON object per record; non-JSON values are written with ``str()``."""
 

@@ -25,6 +25,8 @@ import typing as t
 from dataclasses import dataclass
 from dataclasses import field
 
+from .logs import exception_fields
+
 __all__ = [
     "AudienceSet",
     "Token",
@@ -45,7 +47,7 @@ EXPIRED_HINT = (
     "STS returned a token that had already expired by this host's clock: "
     "check time synchronisation (chrony/NTP) on this host"
 )
-INTERNAL_HINT = "the token fetch failed unexpectedly: see the logged traceback and report it"
+INTERNAL_HINT = "the token fetch failed unexpectedly: report the error type and raised_at of the logged record"
 REFRESH_THREAD_NAME = "jwt-proxy-token-refresh"
 
 
@@ -369,7 +371,12 @@ class TokenStore:
         except TokenUnavailable as exc:
             failure = exc
         except Exception as exc:  # a bug in fetch must still reach every waiter
-            log.error("token fetch raised unexpectedly", exc_info=True)
+            # Not exc_info: the message of an unexpected error (a botocore parser error
+            # quotes the raw response) could hold a token. Its type and origin suffice.
+            log.error(
+                "token fetch raised unexpectedly",
+                extra=exception_fields(exc),
+            )
             failure = TokenUnavailable(key, INTERNAL_ERROR_CLASS, type(exc).__name__, INTERNAL_HINT)
             failure.__cause__ = exc
         now = self._clock()

@@ -13,6 +13,8 @@ import typing as t
 
 import pytest
 
+from jwt_proxy.logs import JsonFormatter
+from jwt_proxy.logs import LogfmtFormatter
 from jwt_proxy.tokens import AudienceSet
 from jwt_proxy.tokens import Token
 from jwt_proxy.tokens import TokenStore
@@ -362,6 +364,13 @@ def test_unexpected_fetch_exception_becomes_token_unavailable(
             store.get(AUD)
     assert info.value.error_class == "internal"
     assert SECRET_PREFIX not in str(info.value)
+    # What the proxy writes for it (JSON or logfmt) names the exception and where it
+    # was raised, never its message, which may quote a response body.
+    (record,) = [r for r in caplog.records if r.name == "jwt_proxy.tokens"]
+    for formatter in (JsonFormatter(), LogfmtFormatter()):
+        line = formatter.format(record)
+        assert SECRET_PREFIX not in line
+        assert "KeyError" in line and "test_tokens.py" in line
 
 
 @pytest.mark.parametrize("expires_in_s", [0.0, -30.0])
