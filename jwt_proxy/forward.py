@@ -48,14 +48,13 @@ import typing as t
 from dataclasses import dataclass
 from dataclasses import field
 from http.cookiejar import DefaultCookiePolicy
-from urllib.parse import urlsplit
 
 import requests
 import requests.certs
 from requests.adapters import HTTPAdapter
-from requests.hooks import default_hooks
-from requests.models import PreparedRequest
+from requests.exceptions import InvalidProxyURL
 from requests.utils import get_environ_proxies
+from requests.utils import prepend_scheme_if_needed
 from requests.utils import select_proxy
 from urllib3 import HTTPHeaderDict
 from urllib3.connection import HTTPConnection
@@ -68,6 +67,9 @@ from urllib3.exceptions import NameResolutionError
 from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util import SKIP_HEADER
+from urllib3.util import Timeout
+from urllib3.util import Url
+from urllib3.util import parse_url
 from urllib3.util.connection import allowed_gai_family
 from urllib3.util.ssl_ import create_urllib3_context
 from urllib3.util.timeout import _DEFAULT_TIMEOUT
@@ -98,17 +100,22 @@ MAX_INTERIM_RESPONSES = 5
 #: Default size of one read from the upstream body: an upper bound, read1 returns what
 #: one recv gave.
 BODY_CHUNK_BYTES = 65536
-#: Size of one read from the client's request body, and so of one send upstream: urllib3's
-#: default of 16 KiB costs a third of the upload throughput (1 GiB: ~8 s instead of ~5 s
-#: on a 2-core host). One such block per thread is held at a time.
-REQUEST_BLOCK_BYTES = BODY_CHUNK_BYTES
+#: Largest read from a client body with a ``Content-Length``, and so largest send
+#: upstream. gunicorn's body reader re-buffers what it has read ahead at every read, so
+#: small reads are expensive: urllib3's default of 16 KiB gave about 200 MiB/s, 1 MiB
+#: about 600 (bench/, 2 cores). One such block per busy thread is held at a time.
+REQUEST_BLOCK_BYTES = 1024 * 1024
+#: Largest read from a chunked client body. gunicorn returns a read only once it has that
+#: many bytes (or the body ended), and a chunked body is often a stream whose pieces
+#: should move on as they come, so its reads stay small.
+STREAM_BLOCK_BYTES = BODY_CHUNK_BYTES
 
 # A request target as gunicorn accepts it (RFC 9112 3.2: printable ASCII, origin-form).
 _ORIGIN_FORM_RE = re.compile(r"/[\x21-\x7e]*\Z")
 
 # The exact bytes of the request target of the request being sent by this thread
 # (origin-form, or absolute-form towards a forward proxy). Set only around
-# _ProxyAdapter.send; connections of other sessions never see it.
+# _ProxyAdapter.open; connections of other sessions never see it.
 _WIRE_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("jwt_proxy_wire_target", default=None)
 
 
@@ -277,7 +284,7 @@ class AddressPolicy:
 
 
 # The policy of the session whose request this thread is sending; set around
-# _ProxyAdapter.send like _WIRE_TARGET. Unset (a connection made some other way): the
+# _ProxyAdapter.open like _WIRE_TARGET. Unset (a connection made some other way): the
 # default, which refuses every restricted address.
 _ADDRESS_POLICY: contextvars.ContextVar[AddressPolicy | None] = contextvars.ContextVar(
     "jwt_proxy_address_policy", default=None
@@ -365,55 +372,55 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
 
     ``timeout_s`` bounds the connection and each wait for the response headers; the body
     then has :data:`BODY_IDLE_TIMEOUT_S` between reads. Proxies come from
-    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` at each call. Raises
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` (see :func:`environ_proxies`). Raises
     :class:`UpstreamTimeout`, :class:`UpstreamUnavailable`, :class:`RequestBodyError`,
     or ``ValueError`` for a request the caller should not have built (a target that is
     not origin-form printable ASCII, a length without a body).
     """
     if not _ORIGIN_FORM_RE.match(request.target):
         raise ValueError("request target must be origin-form printable ASCII (starting with '/')")
-    adapter = session.get_adapter(request.base_url + request.target)
+    adapter = session.get_adapter(request.base_url)
     if not isinstance(adapter, _ProxyAdapter):
         raise TypeError("send() needs a session from make_session()")
-    parts = urlsplit(request.base_url)
-    host = parts.netloc
-    prepared = _prepare(request)
-    proxies = environ_proxies(request.base_url)
-    if select_proxy(prepared.url, proxies):
+    upstream = _parse_base_url(request.base_url)
+    headers, body = _wire_message(request)
+    proxy = select_proxy(request.base_url, environ_proxies(request.base_url))
+    if proxy:
         # The proxy resolves and dials the target: only an address literal can be
         # checked here (a direct connection is checked in _RawTargetConnection).
-        address = literal_address(parts.hostname or "")
+        address = literal_address(upstream.host or "")
         if address is not None and adapter.policy.refuses(address):
-            raise UpstreamForbidden(f"upstream {host}: {address} is a link-local or metadata address")
+            raise UpstreamForbidden(f"upstream {upstream.netloc}: {address} is a link-local or metadata address")
     try:
-        response = adapter.send(
-            prepared, stream=True, timeout=(timeout_s, timeout_s), verify=True, cert=None, proxies=proxies
+        raw = adapter.open(
+            request.method, upstream, request.target, headers, body, timeout_s=timeout_s, proxy=proxy
         )
     except RequestBodyError:
         raise
     except (requests.RequestException, Urllib3Error, OSError, http.client.HTTPException) as exc:
-        error = _upstream_error(exc, host, f"response headers (timeout {timeout_s:g}s)")
+        error = _upstream_error(exc, upstream.netloc, f"response headers (timeout {timeout_s:g}s)")
     else:
-        return UpstreamResponse(response.raw, method=request.method, host=host)
+        return UpstreamResponse(raw, method=request.method, host=upstream.netloc)
     # Raised outside the except block so that neither __cause__ nor __context__ holds
-    # requests' exception, whose message has the full URL, query string included.
+    # urllib3's exception, whose message has the full URL, query string included.
     raise error
 
 
 # -- request building --------------------------------------------------------------------
 
 
-class _RawPreparedRequest(PreparedRequest):
-    """A PreparedRequest built by hand: ``prepare()`` would normalise the URL, and
-    ``path_url`` drops a trailing ``?``. ``url`` (``base_url + target``, unnormalised)
-    only selects the pool and the proxy, since the target starts with ``/`` it cannot
-    change the host; the bytes on the wire come from ``raw_target``."""
-
-    raw_target: str
-    base_url: str
+@functools.lru_cache(maxsize=MAX_UPSTREAM_POOLS * 4)
+def _parse_base_url(base_url: str) -> Url:
+    """``scheme://host[:port]``, parsed once per upstream."""
+    return parse_url(base_url)
 
 
-def _prepare(request: UpstreamRequest) -> _RawPreparedRequest:
+def _wire_message(request: UpstreamRequest) -> tuple[HTTPHeaderDict, _ExactBody | _StreamBody | None]:
+    """The header lines and body reader for the upstream hop.
+
+    Framing follows the body: ``Content-Length`` for a known length (``0`` included),
+    none and a chunked body for a body without one, neither without a body.
+    """
     headers = HTTPHeaderDict()
     for name, value in request.headers:
         if name.lower() not in ("content-length", "transfer-encoding"):
@@ -434,16 +441,8 @@ def _prepare(request: UpstreamRequest) -> _RawPreparedRequest:
         if length:
             body = _ExactBody(request.body, length)  # type: ignore[arg-type]
     elif request.body is not None:
-        body = _StreamBody(request.body)  # requests' adapter sends it chunked
-    prepared = _RawPreparedRequest()
-    prepared.method = request.method
-    prepared.url = request.base_url + request.target
-    prepared.headers = headers  # type: ignore[assignment]
-    prepared.body = body  # type: ignore[assignment]
-    prepared.hooks = default_hooks()
-    prepared.raw_target = request.target
-    prepared.base_url = request.base_url
-    return prepared
+        body = _StreamBody(request.body)  # sent chunked, see _ProxyAdapter.open
+    return headers, body
 
 
 class _ExactBody:
@@ -480,7 +479,7 @@ class _StreamBody:
         self._stream = stream
 
     def read(self, size: int = -1) -> bytes:
-        return _read_client(self._stream, size)
+        return _read_client(self._stream, STREAM_BLOCK_BYTES if size is None or size < 0 else min(size, STREAM_BLOCK_BYTES))
 
 
 def _read_client(stream: t.IO[bytes], size: int) -> bytes:
@@ -509,7 +508,7 @@ class _RawTargetConnection(HTTPConnection):
     """Puts the raw target on the request line and sets the body idle timeout.
 
     urllib3's ``urlopen`` has already re-encoded the target it passes down; the exact one
-    is in :data:`_WIRE_TARGET`, set by :meth:`_ProxyAdapter.send` for this very call.
+    is in :data:`_WIRE_TARGET`, set by :meth:`_ProxyAdapter.open` for this very call.
     ``http.client`` still refuses control characters and spaces in it.
     """
 
@@ -634,6 +633,9 @@ class _ProxyAdapter(HTTPAdapter):
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: t.Any) -> None:
         pool_kwargs["ssl_context"] = self._ssl_context
+        # Verification is never off; the trust store is the context (no ca_certs file
+        # reloaded into it at every new connection, as requests' verify=True would).
+        pool_kwargs["cert_reqs"] = "CERT_REQUIRED"
         pool_kwargs["blocksize"] = REQUEST_BLOCK_BYTES
         super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
         self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
@@ -645,46 +647,61 @@ class _ProxyAdapter(HTTPAdapter):
             return super().proxy_manager_for(proxy, **proxy_kwargs)
         if proxy not in self.proxy_manager:
             proxy_kwargs["ssl_context"] = self._ssl_context  # for the upstream, inside the tunnel
+            proxy_kwargs["cert_reqs"] = "CERT_REQUIRED"
             proxy_kwargs["blocksize"] = REQUEST_BLOCK_BYTES
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
         manager.pool_classes_by_scheme = _POOL_CLASSES
         return manager
 
-    def cert_verify(self, conn: t.Any, url: str, verify: t.Any, cert: t.Any) -> None:
-        # The trust store is self._ssl_context. requests would set ca_certs (certifi) on
-        # the pool, and urllib3 would then reload that file into the shared context at
-        # every new connection.
-        if url.lower().startswith("https"):
-            conn.cert_reqs = "CERT_REQUIRED"
-            conn.ca_certs = None
-            conn.ca_cert_dir = None
-
-    def request_url(self, request: PreparedRequest, proxies: dict[str, str] | None) -> str:
-        url = super().request_url(request, proxies)
-        raw = getattr(request, "raw_target", None)
-        if raw is None:
-            return url
-        # super() gives the path for a direct or tunnelled request, the absolute URL for a
-        # plain-http upstream behind a forward proxy.
-        return raw if url.startswith("/") else request.base_url + raw  # type: ignore[attr-defined]
-
-    def send(
+    def open(
         self,
-        request: PreparedRequest,
-        stream: bool = False,
-        timeout: t.Any = None,
-        verify: t.Any = True,
-        cert: t.Any = None,
-        proxies: dict[str, str] | None = None,
-    ) -> requests.Response:
-        wire = self.request_url(request, proxies) if hasattr(request, "raw_target") else None
-        token = _WIRE_TARGET.set(wire)
+        method: str,
+        upstream: Url,
+        target: str,
+        headers: HTTPHeaderDict,
+        body: t.Any,
+        *,
+        timeout_s: float,
+        proxy: str | None,
+    ) -> BaseHTTPResponse:
+        """Send one request on a pooled connection; return when the response head is in.
+
+        What requests' ``HTTPAdapter.send`` does for a streamed request, minus what a
+        proxy must not do or does not need (a ``Response`` object, cookie extraction,
+        URL re-parsing): about a tenth of a proxied request's CPU (bench/). The request
+        line carries ``target`` exactly (:data:`_WIRE_TARGET`); towards a plain-http
+        forward proxy it is the absolute URL, as requests would send it.
+        """
+        wire = target
+        if proxy:
+            proxy = prepend_scheme_if_needed(proxy, "http")
+            if not parse_url(proxy).host:
+                raise InvalidProxyURL("the proxy URL has no host")
+            manager = self.proxy_manager_for(proxy)
+            if upstream.scheme == "http" and not proxy.lower().startswith("socks"):
+                wire = f"{upstream.scheme}://{upstream.netloc}{target}"
+        else:
+            manager = self.poolmanager
+        pool = manager.connection_from_host(upstream.host, upstream.port, upstream.scheme)
+        wire_token = _WIRE_TARGET.set(wire)
         policy_token = _ADDRESS_POLICY.set(self.policy)
         try:
-            return super().send(request, stream=stream, timeout=timeout, verify=True, cert=None, proxies=proxies)
+            return pool.urlopen(
+                method,
+                wire,
+                body=body,
+                headers=headers,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=False,
+                decode_content=False,
+                retries=self.max_retries,
+                timeout=Timeout(connect=timeout_s, read=timeout_s),
+                chunked=isinstance(body, _StreamBody),
+            )
         finally:
             _ADDRESS_POLICY.reset(policy_token)
-            _WIRE_TARGET.reset(token)
+            _WIRE_TARGET.reset(wire_token)
 
 
 # -- errors --------------------------------------------------------------------------------

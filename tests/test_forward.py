@@ -1,9 +1,8 @@
 """forward: what reaches the upstream's wire, and what comes back.
 
-``responses`` tests cover the mapping of a response (status, header lines, raw body);
-it replaces ``HTTPAdapter.send``, so everything about bytes on the wire (target, framing,
-injected headers, pooling, timeouts, TLS) is tested against ``tests.upstream``, a real
-loopback server that records what arrived.
+Everything (target, framing, injected headers, pooling, timeouts, TLS, the mapping of a
+response) is tested against ``tests.upstream``, a real loopback server that records
+what arrived and answers with exact bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import time
 import typing as t
 
 import pytest
-import responses
 
 from jwt_proxy import forward
 from jwt_proxy.forward import RequestBodyError
@@ -165,7 +163,18 @@ def test_body_without_length_goes_chunked_without_content_length(session, upstre
     assert seen.header_all("Transfer-Encoding") == ["chunked"]
     assert seen.header("Content-Length") is None
     assert seen.body == b"".join(pieces)
-    assert all(0 < size <= 65536 for size in stream.reads), "the body is read in bounded pieces"
+    assert all(0 < size <= forward.STREAM_BLOCK_BYTES for size in stream.reads), "the body is read in bounded pieces"
+
+
+def test_a_content_length_body_is_read_in_blocks_of_at_most_one_mib(session, upstream):
+    data = pattern_bytes(3 * forward.REQUEST_BLOCK_BYTES + 5)
+    stream = GeneratorStream([data])
+    fetch(session, upstream.url, "/up", method="PUT", headers=[("Host", "h")], body=stream, content_length=len(data))
+    [seen] = upstream.wait_for_requests(1)
+    assert seen.body == data
+    assert forward.REQUEST_BLOCK_BYTES == 1024 * 1024
+    assert max(stream.reads) == forward.REQUEST_BLOCK_BYTES, "whole blocks (small reads cost throughput)"
+    assert all(size <= forward.REQUEST_BLOCK_BYTES for size in stream.reads), "never more than a block at a time"
 
 
 def test_no_body_has_no_framing_lines(session, upstream):
@@ -756,48 +765,48 @@ def test_https_through_an_environment_connect_proxy_uses_the_ca_file(tls_files, 
     assert tls_upstream.wait_for_requests(1)[0].target == "/x/%2E%2E/y?"
 
 
-# -- response mapping (responses) ---------------------------------------------------------
+# -- response mapping -----------------------------------------------------------------------
 
 
-@responses.activate
 def test_status_reason_and_header_lines_are_mapped(session):
-    responses.add(
-        responses.Response(
-            "GET",
-            "https://api.example.com/items",
-            status=418,
-            content_type=None,
-            headers=[
+    def teapot(seen: RecordedRequest, sock: socket.socket) -> bool:
+        send_response(
+            sock,
+            418,
+            [
                 ("Set-Cookie", "a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT"),
                 ("Set-Cookie", "b=2"),
                 ("X-Custom-HEADER", "v"),
                 ("Connection", "X-Hop"),
                 ("X-Hop", "1"),
             ],
-            body=b"teapot",
+            b"teapot",
+            reason="I'm a Teapot",
         )
-    )
-    response = forward.send(session, request("https://api.example.com", "/items?x=1"), timeout_s=TIMEOUT_S)
-    with response:
-        assert (response.status, response.reason) == (418, "I'm a Teapot")
-        assert response.headers == [
-            ("Set-Cookie", "a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT"),
-            ("Set-Cookie", "b=2"),
-            ("X-Custom-HEADER", "v"),
-        ]
-        assert b"".join(response.iter_body()) == b"teapot"
+        return True
+
+    with RecordingUpstream(teapot) as upstream:
+        response = forward.send(session, request(upstream.url, "/items?x=1"), timeout_s=TIMEOUT_S)
+        with response:
+            assert (response.status, response.reason) == (418, "I'm a Teapot")
+            assert response.headers == [
+                ("Set-Cookie", "a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT"),
+                ("Set-Cookie", "b=2"),
+                ("X-Custom-HEADER", "v"),
+                ("Content-Length", "6"),
+            ]
+            assert b"".join(response.iter_body()) == b"teapot"
 
 
-@responses.activate
 def test_a_compressed_body_is_yielded_compressed(session):
     compressed = gzip.compress(b"hello " * 100, mtime=0)
-    responses.add(
-        responses.Response(
-            "GET", "https://api.example.com/z", content_type=None,
-            headers=[("Content-Encoding", "gzip")], body=compressed,
-        )
-    )
-    response = forward.send(session, request("https://api.example.com", "/z"), timeout_s=TIMEOUT_S)
-    with response:
-        assert b"".join(response.iter_body()) == compressed
+
+    def gzipped(seen: RecordedRequest, sock: socket.socket) -> bool:
+        send_response(sock, 200, [("Content-Encoding", "gzip")], compressed)
+        return True
+
+    with RecordingUpstream(gzipped) as upstream:
+        response = forward.send(session, request(upstream.url, "/z"), timeout_s=TIMEOUT_S)
+        with response:
+            assert b"".join(response.iter_body()) == compressed
     assert ("Content-Encoding", "gzip") in response.headers
