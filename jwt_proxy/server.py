@@ -201,6 +201,8 @@ def metrics_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
 
 # gthread, plus a deadline on receiving each request head (jwt_proxy.worker).
 WORKER_CLASS = "jwt_proxy.worker.ProxyWorker"
+# gunicorn's logger minus its access records: the proxy writes its own (jwt_proxy.worker).
+LOGGER_CLASS = "jwt_proxy.worker.ServerLogger"
 # How requests are parsed: set explicitly, because these are part of what the listener
 # promises (README, Security), whatever gunicorn's defaults or FORWARDED_ALLOW_IPS say.
 REQUEST_PARSING_OPTIONS: dict[str, t.Any] = {
@@ -233,6 +235,7 @@ def gunicorn_options(config: Config) -> dict[str, t.Any]:
         "keepalive": CLIENT_KEEPALIVE_S,
         "preload_app": False,
         "accesslog": None,
+        "logger_class": LOGGER_CLASS,
         "errorlog": "-",
         "loglevel": "warning" if config.log_level == "warn" else config.log_level,
         "logconfig_dict": logs.logging_config(config.log_level, config.log_format),
