@@ -19,7 +19,6 @@ import typing as t
 
 from flask import Flask
 from flask import Response
-from flask import g
 from flask import request
 from werkzeug.routing import BaseConverter
 from werkzeug.wsgi import ClosingIterator
@@ -194,28 +193,33 @@ class Proxy:
         self.recorder = recorder
         # Replaced by the token; in header mode the routing header is ours, not the upstream's.
         self.dropped_headers = ("authorization",) + ((config.routing_header,) if config.routing_header else ())
+        # --upstream-host was checked at start-up: every request of the worker goes there.
+        self.pinned_upstream = (
+            choose_upstream(pinned=config.upstream, scheme=config.upstream_scheme, header_name="", header_value=None)
+            if config.pinned
+            else None
+        )
 
     def __call__(self, **_: str) -> ProxyResponse:
         environ = request.environ
-        if request.method == "CONNECT":
+        method = environ["REQUEST_METHOD"]
+        if method == "CONNECT":
             raise RoutingError(405, BODY_METHOD_NOT_ALLOWED)
-        framing_error = request_framing_error(environ.get("HTTP_TRANSFER_ENCODING"))
+        transfer_encoding = environ.get("HTTP_TRANSFER_ENCODING")
+        framing_error = request_framing_error(transfer_encoding)
         if framing_error is not None:
             raise RoutingError(400, framing_error)
         target = request_target(environ.get("RAW_URI") or _target_from_path(environ))
-        g.path = strip_query(target)
+        path = environ[PATH_KEY] = strip_query(target)
         config = self.config
-        header_value = None
-        if not config.pinned:
-            header_value = request.headers.get(config.host_header)
-        upstream = choose_upstream(
-            pinned=config.upstream,
+        upstream = self.pinned_upstream or choose_upstream(
+            pinned=None,
             scheme=config.upstream_scheme,
             header_name=config.host_header,
-            header_value=header_value,
+            header_value=request.headers.get(config.host_header),
             allowlist=config.allowlist,
         )
-        g.target = upstream.base_url + g.path
+        target_url = environ[TARGET_KEY] = upstream.base_url + path
         started = time.perf_counter()
         try:
             token = self.tokens.get(config.token_audiences or (upstream.audience,))
@@ -223,30 +227,30 @@ class Proxy:
             self._observe_upstream(upstream, "", TOKEN_FETCH_ERROR, started)
             raise
 
-        headers = filter_request_headers(request.headers.items(), also_drop=self.dropped_headers)
-        if "Authorization" in request.headers:
-            log.debug("replacing the inbound Authorization header", extra={"target": g.target})
+        inbound = list(request.headers.items())
+        headers = filter_request_headers(inbound, also_drop=self.dropped_headers)
+        if "HTTP_AUTHORIZATION" in environ:
+            log.debug("replacing the inbound Authorization header", extra={"target": target_url})
         headers.insert(0, ("Host", upstream.host_header))
         headers = append_forwarded_for(headers, environ.get("REMOTE_ADDR", ""))
         headers.append(("Authorization", f"Bearer {token.value}"))
 
-        content_length = request.content_length
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        chunked = transfer_encoding is not None  # exactly "chunked", see request_framing_error
+        content_length = None if chunked else request.content_length
         has_body = chunked or content_length is not None
-        upgrade = tunnel.is_websocket_upgrade(request.method, request.headers.items())
-        if upgrade and not has_body and "gunicorn.socket" in environ:
+        if not has_body and "gunicorn.socket" in environ and tunnel.is_websocket_upgrade(method, inbound):
             return self._tunnel(upstream, target, headers, environ)
         started = time.perf_counter()
         try:
             upstream_response = forward.send(
                 self.session,
                 forward.UpstreamRequest(
-                    method=request.method,
+                    method=method,
                     base_url=upstream.base_url,
                     target=target,
                     headers=headers,
                     body=environ["wsgi.input"] if has_body else None,
-                    content_length=None if chunked else content_length,
+                    content_length=content_length,
                 ),
                 timeout_s=config.upstream_timeout_s,
             )
@@ -257,7 +261,7 @@ class Proxy:
             raise
         self._observe_upstream(upstream, "", TOKEN_OK, started)
         response = ProxyResponse(
-            _stream_body(upstream_response.iter_body(), g.target),
+            _stream_body(upstream_response.iter_body(), target_url),
             status=f"{upstream_response.status} {upstream_response.reason}".rstrip(),
             headers=upstream_response.headers,
         )
@@ -285,9 +289,10 @@ class Proxy:
             raise
         self._observe_upstream(upstream, "", TOKEN_OK, started)
         response: ProxyResponse
+        target_url = environ[TARGET_KEY]
         if opened.switched:
             relay = opened.relay(
-                environ["gunicorn.socket"], client_bytes=lambda: tunnel.read_ahead(environ), target=g.target
+                environ["gunicorn.socket"], client_bytes=lambda: tunnel.read_ahead(environ), target=target_url
             )
             response = UpgradeResponse(
                 relay,
@@ -296,7 +301,7 @@ class Proxy:
             )
         else:
             response = ProxyResponse(
-                _stream_body(opened.iter_body(), g.target),
+                _stream_body(opened.iter_body(), target_url),
                 status=f"{opened.status} {opened.reason}".rstrip(),
                 headers=opened.headers,
             )
@@ -346,17 +351,86 @@ def _target_from_path(environ: dict[str, t.Any]) -> str:
     return f"{path}?{query}" if query else path
 
 
-def _log_access(method: str, path: str, target: str, status: int, started: float) -> None:
-    access_log.info(
-        "request",
-        extra={
-            "method": method,
-            "path": path,
-            "target": target,
-            "status": status,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        },
-    )
+# Where the view leaves the request's path (no query) and upstream URL (no query) in the
+# WSGI environ, for the access record and the error records.
+PATH_KEY = "jwt_proxy.path"
+TARGET_KEY = "jwt_proxy.target"
+
+
+def _target() -> str:
+    return request.environ.get(TARGET_KEY, "")
+
+
+def observe_exchanges(app: t.Callable, recorder: WorkerMetrics | None = None) -> t.Callable:
+    """``app`` with every exchange observed once its body has been sent (or the client left).
+
+    Writes the access record (``jwt_proxy.access``) and, with a ``recorder``, counts the
+    request in flight and times it. A WSGI middleware rather than Flask hooks, so that a
+    request is observed whatever happens inside the app, from its first to its last
+    byte, with one object per request.
+    """
+
+    def observed(environ: dict[str, t.Any], start_response: t.Callable) -> t.Iterable[bytes]:
+        exchange = _Exchange(environ, start_response, recorder)
+        try:
+            exchange.body = app(environ, exchange.start_response)
+        except BaseException:
+            exchange.close()
+            raise
+        return exchange
+
+    return observed
+
+
+class _Exchange:
+    """One request's WSGI body, observed when the server closes it (PEP 3333)."""
+
+    __slots__ = ("body", "_environ", "_start_response", "_recorder", "_started", "_status", "_open")
+
+    def __init__(self, environ: dict[str, t.Any], start_response: t.Callable, recorder: WorkerMetrics | None) -> None:
+        self.body: t.Iterable[bytes] = ()
+        self._environ = environ
+        self._start_response = start_response
+        self._recorder = recorder
+        self._status = "500"
+        self._open = True
+        if recorder is not None:
+            recorder.request_started()
+        self._started = time.perf_counter()
+
+    def start_response(self, status: str, headers: list, exc_info: t.Any = None) -> t.Callable:
+        self._status = status
+        return self._start_response(status, headers, exc_info)
+
+    def __iter__(self) -> t.Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            duration_s = time.perf_counter() - self._started
+            environ = self._environ
+            method = environ.get("REQUEST_METHOD", "")
+            status = self._status[:3]
+            if self._recorder is not None:
+                self._recorder.request_finished(method, status, duration_s)
+            if access_log.isEnabledFor(logging.INFO):
+                fields = {
+                    "method": method,
+                    "path": environ.get(PATH_KEY, ""),
+                    "target": environ.get(TARGET_KEY, ""),
+                    "status": int(status),
+                    "duration_ms": round(duration_s * 1000, 3),
+                }
+                # makeRecord + handle: what Logger.info does, without looking up the
+                # caller's frame, which no record of ours prints.
+                access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "request", (), None, extra=fields))
 
 
 def _register_error_handlers(app: Flask) -> None:
@@ -371,7 +445,7 @@ def _register_error_handlers(app: Flask) -> None:
         log.error(
             "token unavailable",
             extra={
-                "target": g.get("target", ""),
+                "target": _target(),
                 "audience": ",".join(exc.audiences),
                 "error_class": exc.error_class,
                 "error": exc.detail,
@@ -384,7 +458,7 @@ def _register_error_handlers(app: Flask) -> None:
     def upstream_error(exc: forward.UpstreamError):
         log.error(
             "upstream request failed",
-            extra={"target": g.get("target", ""), "error_type": exc.error_type, "error": str(exc)},
+            extra={"target": _target(), "error_type": exc.error_type, "error": str(exc)},
         )
         return _plain(exc.status, BODY_UPSTREAM_TIMEOUT if exc.status == 504 else BODY_UPSTREAM_UNAVAILABLE)
 
@@ -392,18 +466,18 @@ def _register_error_handlers(app: Flask) -> None:
     def upstream_forbidden(exc: forward.UpstreamForbidden):
         log.warning(
             "upstream address refused",
-            extra={"target": g.get("target", ""), "error_type": exc.error_type, "error": str(exc)},
+            extra={"target": _target(), "error_type": exc.error_type, "error": str(exc)},
         )
         return _plain(403, BODY_FORBIDDEN)
 
     @app.errorhandler(forward.RequestBodyError)
     def request_body_error(exc: forward.RequestBodyError):
-        log.warning("request body not received", extra={"target": g.get("target", ""), "error": str(exc)})
+        log.warning("request body not received", extra={"target": _target(), "error": str(exc)})
         return _plain(400, BODY_BAD_REQUEST_BODY)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        log.error("unexpected error", extra={"target": g.get("target", ""), **exception_fields(exc)})
+        log.error("unexpected error", extra={"target": _target(), **exception_fields(exc)})
         return _plain(500, BODY_INTERNAL_ERROR)
 
 
@@ -454,19 +528,6 @@ def create_app(
     for rule in app.url_map.iter_rules():
         rule.methods = None
 
-    @app.before_request
-    def start_clock() -> None:
-        g.started = time.perf_counter()
-
-    @app.after_request
-    def log_when_done(response: Response) -> Response:
-        """The access record is written when the body has been sent (or the client left)."""
-        method, path, target, started = request.method, g.get("path", ""), g.get("target", ""), g.started
-        status = response.status_code
-        response.call_on_close(lambda: _log_access(method, path, target, status, started))
-        return response
-
     _register_error_handlers(app)
-    if recorder is not None:
-        app.wsgi_app = recorder.wrap_wsgi(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = observe_exchanges(app.wsgi_app, recorder)  # type: ignore[method-assign]
     return app

@@ -244,37 +244,14 @@ class WorkerMetrics:
 
     # -- inbound requests ----------------------------------------------------------------
 
-    def wrap_wsgi(self, app: t.Callable) -> t.Callable:
-        """``app`` with every request counted in flight and timed until its body is sent.
+    def request_started(self) -> None:
+        """A request came in (``jwt_proxy.app.observe_exchanges``): one more in flight."""
+        self.active_requests.inc()
 
-        A WSGI middleware rather than Flask hooks, so that a request is counted whatever
-        happens inside the app; the timing ends when the server closes the body.
-        """
-        active = self.active_requests
-        observe = self.observe_request
-
-        def instrumented(environ: dict[str, t.Any], start_response: t.Callable) -> t.Iterable[bytes]:
-            started = time.perf_counter()
-            method = environ.get("REQUEST_METHOD", "")
-            status = ["500"]
-
-            def capture_status(line: str, headers: list, exc_info: t.Any = None) -> t.Callable:
-                status[0] = line[:3]
-                return start_response(line, headers, exc_info)
-
-            def done() -> None:
-                active.dec()
-                observe(method, status[0], time.perf_counter() - started)
-
-            active.inc()
-            try:
-                body = app(environ, capture_status)
-            except BaseException:
-                done()
-                raise
-            return _ObservedBody(body, done)
-
-        return instrumented
+    def request_finished(self, method: str, status: str, duration_s: float) -> None:
+        """Its body was sent, or the client left: one fewer in flight, and its duration."""
+        self.active_requests.dec()
+        self.observe_request(method, status, duration_s)
 
     def observe_request(self, method: str, status: str, duration_s: float) -> None:
         if method not in HTTP_METHODS:
@@ -373,29 +350,6 @@ class WorkerMetrics:
     def mark_ready(self) -> None:
         """This worker can serve: credentials resolve and the configured token is minted."""
         self.ready.set(1)
-
-
-class _ObservedBody:
-    """A WSGI body that calls ``done`` once, when the server closes it (PEP 3333)."""
-
-    __slots__ = ("_body", "_done")
-
-    def __init__(self, body: t.Iterable[bytes], done: t.Callable[[], None]) -> None:
-        self._body = body
-        self._done: t.Callable[[], None] | None = done
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._body)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            done, self._done = self._done, None
-            if done is not None:
-                done()
 
 
 # -- the master's listener -----------------------------------------------------------------

@@ -7,6 +7,7 @@ unit-tested with a table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 import typing as t
@@ -120,18 +121,19 @@ class Upstream:
     scheme: str
     authority: Authority
 
-    @property
+    # Cached: in pinned mode one Upstream serves every request of a worker.
+    @functools.cached_property
     def base_url(self) -> str:
         return f"{self.scheme}://{self.authority}"
 
-    @property
+    @functools.cached_property
     def host_header(self) -> str:
         """``Host`` as sent upstream: the authority, without a port equal to the scheme's default."""
         if self.authority.port in (None, DEFAULT_PORTS[self.scheme]):
             return self.authority.host_for_url
         return str(self.authority)
 
-    @property
+    @functools.cached_property
     def audience(self) -> str:
         """The audience derived from the upstream: ``scheme://host`` lower-cased, port dropped."""
         return f"{self.scheme}://{self.authority.host_for_url.lower().rstrip('.')}"
