@@ -188,3 +188,14 @@ class ServerLogger(Logger):
 
     def access(self, resp: t.Any, req: t.Any, environ: t.Any, request_time: t.Any) -> None:
         return None
+
+    def info(self, msg: str, *args: t.Any, **kwargs: t.Any) -> None:
+        # With reuse_port the master has no listener of its own: gunicorn would write
+        # "Listening at:  (pid)". Name the address, and that each worker binds it.
+        if msg == _LISTENING_AT and args and not args[0]:
+            args = (f"{','.join(self.cfg.bind)} (a socket per worker, SO_REUSEPORT)", *args[1:])
+        super().info(msg, *args, **kwargs)
+
+
+# gunicorn's arbiter's start-up line (gunicorn.arbiter.Arbiter.start).
+_LISTENING_AT = "Listening at: %s (%s)"

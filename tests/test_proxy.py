@@ -445,3 +445,134 @@ def test_plain_gunicorn_with_a_bad_variable_fails_before_binding(start_proxy):
     )
     assert proxy.popen.wait(20) != 0
     assert "--upstream-timeout" in proxy.output() and "'never'" in proxy.output()
+
+
+# -- listening: a socket per worker --------------------------------------------------------
+
+
+def _tcp_sockets(port: int, state: str) -> set[str]:
+    """Inodes of loopback TCP sockets on local ``port`` in ``state`` (``0A`` listen, ``01`` established)."""
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+class _BusyClients:
+    """``count`` keep-alive clients that connect and send their first request in one
+    burst (as wrk or a fresh connection pool does), then each sends its next request as
+    soon as its response is in. One thread, raw sockets: the burst is tight."""
+
+    REQUEST = b"GET /spread HTTP/1.1\r\nHost: proxy\r\n\r\n"
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port, self.count = port, count
+        self.served = [0] * count
+
+    def __enter__(self) -> _BusyClients:
+        import selectors
+
+        self.selector = selectors.DefaultSelector()
+        self.sockets = []
+        for index in range(self.count):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            sock.sendall(self.REQUEST)
+            self.sockets.append(sock)
+            self.selector.register(sock, selectors.EVENT_READ, [index, b""])
+        return self
+
+    def run_for(self, seconds: float) -> None:
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            for key, _ in self.selector.select(timeout=1.0):
+                index, buffered = key.data
+                data = key.fileobj.recv(65536)
+                assert data, "the proxy closed a kept-alive connection"
+                buffered += data
+                head, sep, body = buffered.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
+                if sep and length is not None and len(body) >= length:
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    self.served[index] += 1
+                    buffered = body[length:]
+                    key.fileobj.sendall(self.REQUEST)
+                key.data[1] = buffered
+
+    def __exit__(self, *exc: object) -> None:
+        self.selector.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def _ready(proxy) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{proxy.metrics_port}/readyz", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def _sockets_held(pid: int, inodes: set[str]) -> int:
+    from pathlib import Path
+
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = fd.readlink().name
+        except OSError:
+            continue
+        held += link.startswith("socket:[") and link[8:-1] in inodes
+    return held
+
+
+def test_each_worker_listens_on_its_own_socket_and_busy_clients_land_on_both(start_proxy, upstream):
+    """With one shared socket the worker that wakes first may take most of a burst of
+    keep-alive connections (14 of 16 with wrk), and one GIL-bound worker then serves
+    them all. With a socket per worker (SO_REUSEPORT) the kernel hashes each new
+    connection to one of them."""
+    proxy = start_proxy("--upstream-host", f"127.0.0.1:{upstream.port}", "--upstream-scheme", "http", "--workers", "2", "--threads", "16")
+    deadline = time.monotonic() + 10
+    while not _ready(proxy):  # both workers up
+        assert time.monotonic() < deadline, proxy.output()
+        time.sleep(0.05)
+    workers = children(proxy.pid)
+    listening = _tcp_sockets(proxy.port, "0A")
+    assert len(listening) == 2
+    assert [_sockets_held(pid, listening) for pid in sorted(workers)] == [1, 1]
+    assert _sockets_held(proxy.pid, listening) == 0
+
+    clients = 32
+    with _BusyClients(proxy.port, clients) as load:
+        load.run_for(1.0)
+        held = sorted(_sockets_held(pid, _tcp_sockets(proxy.port, "01")) for pid in workers)
+        load.run_for(0.5)
+    assert min(load.served) > 0, load.served
+    assert sum(held) == clients, held
+    # Binomial(32, 1/2): below 4 on either side has a chance of about 3 in a million.
+    assert held[0] >= 4, f"connections per worker: {held}"
+
+
+def test_a_listen_address_in_use_stops_the_start_with_one_line(start_proxy):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proxy = start_proxy("--listen-addr", f"127.0.0.1:{port}", ready=False)
+        assert proxy.popen.wait(20) == 1
+    stderr = proxy.stderr_path.read_text().strip().splitlines()
+    assert len(stderr) == 1, stderr
+    assert stderr[0] == f"jwt-proxy: error: --listen-addr 127.0.0.1:{port}: cannot listen there: Address already in use"
+
+
+def test_a_second_proxy_on_the_same_address_is_refused_and_the_first_keeps_serving(start_proxy, upstream):
+    """Worker sockets share a port with SO_REUSEPORT; another jwt-proxy must not join them
+    (it would take half of the first one's connections)."""
+    first = start_proxy("--upstream-host", f"127.0.0.1:{upstream.port}", "--upstream-scheme", "http")
+    second = start_proxy("--listen-addr", f"127.0.0.1:{first.port}", "--upstream-host", "127.0.0.1:9", "--upstream-scheme", "http", ready=False)
+    assert second.popen.wait(20) == 1
+    assert "--listen-addr" in second.stderr_path.read_text() and "in use" in second.stderr_path.read_text()
+    for _ in range(20):  # new connections, each hashed anew by the kernel: all reach the first
+        assert requests.get(first.url + "/still-mine", headers={"Connection": "close"}, timeout=10).status_code == 200
