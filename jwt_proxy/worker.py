@@ -12,6 +12,11 @@ every head :data:`REQUEST_HEAD_TIMEOUT_S` from the moment a thread takes the con
 which wakes at least once a second, shuts down the socket of any connection still
 without a complete head after that, so the blocked read ends and the thread is freed.
 
+Two changes to how connections move between the main loop and the pool threads: a pool
+thread that has answered on a kept-alive connection serves the client's next request
+itself if it comes within :data:`KEEPALIVE_LINGER_MS` (see there), and a connection
+that ends is closed by its pool thread, not in the main loop (:func:`_close_here`).
+
 It also keeps request bytes out of the log. gunicorn describes a malformed request with
 the bytes it choked on (``Invalid HTTP request line: 'GET /?secret=...'``, a partial
 head with its ``Authorization`` line at debug level when a client leaves early); here the
@@ -121,8 +126,9 @@ EXCEPTION_ARGS_FILTER = _ExceptionArgsFilter()
 
 
 class ProxyWorker(ThreadWorker):
-    """gunicorn's ``gthread`` worker with :data:`REQUEST_HEAD_TIMEOUT_S` and redacted
-    parse errors (see the module docstring)."""
+    """gunicorn's ``gthread`` worker with :data:`REQUEST_HEAD_TIMEOUT_S`, kept-alive
+    requests served in the pool thread, closes off the main loop and redacted parse
+    errors (see the module docstring)."""
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
@@ -144,7 +150,10 @@ class ProxyWorker(ThreadWorker):
             while True:
                 result = self._handle_one(conn)
                 if result is not True or not self._next_request_within_linger(conn):
-                    return result
+                    break
+            if result is False:
+                _close_here(conn)
+            return result
         finally:
             with self._head_lock:
                 self._busy_threads -= 1
@@ -214,6 +223,23 @@ class ProxyWorker(ThreadWorker):
     def _head_received(self, conn: t.Any) -> None:
         with self._head_lock:
             self._head_deadlines.pop(conn, None)
+
+
+def _close_here(conn: t.Any) -> None:
+    """Close a finished connection in the pool thread, not in gunicorn's main loop.
+
+    The close is graceful (RFC 9112 9.6): half-close, then wait up to 2 s for the
+    client's FIN so that unread request bytes do not turn into a reset. In the main
+    loop, as gunicorn does it, a client that keeps its side open after a
+    ``Connection: close`` response stalls every connection of the worker (no accept,
+    no kept-alive request) for those 2 s; here it holds this one thread.
+    """
+    conn.close(graceful=True)
+    conn.close = _already_closed  # gunicorn's finish_request calls it again
+
+
+def _already_closed(graceful: bool = False) -> None:
+    return None
 
 
 class ServerLogger(Logger):

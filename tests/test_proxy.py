@@ -576,3 +576,25 @@ def test_a_second_proxy_on_the_same_address_is_refused_and_the_first_keeps_servi
     assert "--listen-addr" in second.stderr_path.read_text() and "in use" in second.stderr_path.read_text()
     for _ in range(20):  # new connections, each hashed anew by the kernel: all reach the first
         assert requests.get(first.url + "/still-mine", headers={"Connection": "close"}, timeout=10).status_code == 200
+
+
+def test_a_client_that_keeps_its_side_open_after_connection_close_stalls_nobody(start_proxy, upstream):
+    """After a ``Connection: close`` response the server half-closes and waits up to 2 s
+    for the client's FIN. gunicorn does that in the worker's main loop, where it would
+    hold up every other connection of the worker (no accept, no kept-alive request)."""
+    proxy = start_proxy("--upstream-host", f"127.0.0.1:{upstream.port}", "--upstream-scheme", "http", "--workers", "1")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as lingering:
+        lingering.sendall(b"GET /first HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):  # the upstream's JSON echo, Content-Length framed
+            data = lingering.recv(65536)
+            assert data, answer
+            answer += data
+        assert answer.startswith(b"HTTP/1.1 200") and b'"/first"' in answer
+        time.sleep(0.2)  # the proxy is now waiting for this client's FIN
+        started = time.monotonic()
+        response = requests.get(proxy.url + "/second", timeout=10)
+        elapsed = time.monotonic() - started
+        assert lingering.recv(1) == b""  # the proxy closed its side; this client never closed its own
+    assert response.status_code == 200
+    assert elapsed < 1.0, f"the second client waited {elapsed:.2f} s"
