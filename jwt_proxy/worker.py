@@ -43,6 +43,8 @@ from gunicorn.workers.gthread import ThreadWorker
 #: seconds leave room for a loaded host and none for a client that drips it. The check
 #: runs once a second, so a connection is closed 10 to 11 s after a thread took it.
 REQUEST_HEAD_TIMEOUT_S = 10.0
+#: How often the worker tells the master it is alive (the heartbeat file's mtime).
+HEARTBEAT_INTERVAL_S = 1.0
 #: After answering on a kept-alive connection, the pool thread waits this long for the
 #: client's next request before handing the connection back to gunicorn's main loop. A
 #: busy client (a connection pool, a load generator) sends it within a fraction of a
@@ -136,6 +138,7 @@ class ProxyWorker(ThreadWorker):
         self._head_deadlines: dict[t.Any, float] = {}
         self._head_lock = threading.Lock()
         self._busy_threads = 0  # pool threads inside handle(), under _head_lock
+        self._next_heartbeat = 0.0
 
     def init_process(self) -> None:
         self.log.error_log.addFilter(EXCEPTION_ARGS_FILTER)
@@ -186,6 +189,15 @@ class ProxyWorker(ThreadWorker):
     def handle_request(self, req: t.Any, conn: t.Any) -> bool:
         self._head_received(conn)  # the head is in: from here the request is the app's
         return super().handle_request(req, conn)
+
+    def notify(self) -> None:
+        # gunicorn's main loop calls this at every turn, that is for every event: a
+        # utime() of the heartbeat file each time. The master only needs one per
+        # WORKER_LIVENESS_TIMEOUT_S (30 s); once a second is plenty.
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
+            super().notify()
 
     def murder_pending(self) -> None:
         super().murder_pending()

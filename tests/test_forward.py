@@ -16,6 +16,9 @@ import time
 import typing as t
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from jwt_proxy import forward
 from jwt_proxy.forward import RequestBodyError
@@ -810,3 +813,48 @@ def test_a_compressed_body_is_yielded_compressed(session):
         with response:
             assert b"".join(response.iter_body()) == compressed
     assert ("Content-Encoding", "gzip") in response.headers
+
+
+# -- response header parsing -------------------------------------------------------------
+
+
+def _stdlib_message(block: bytes):
+    import http.client
+
+    return http.client.parse_headers(io.BytesIO(block))
+
+
+def _same_message(block: bytes) -> None:
+    ours = forward.parse_header_block(io.BytesIO(block))
+    theirs = _stdlib_message(block)
+    assert ours.items() == theirs.items()
+    assert [type(d) for d in ours.defects] == [type(d) for d in theirs.defects]
+    assert (ours.get_payload() or "") == (theirs.get_payload() or "")
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"Content-Type: text/plain\r\nContent-Length: 3\r\n\r\n",
+        b"Set-Cookie: a=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT\r\nSet-Cookie: b=2\r\nX-UPPER-lower: v\r\n\r\n",
+        b"X-Empty:\r\nX-Spaces:   padded value  \r\nX-Tab:\tv\r\n\r\n",
+        b"X-Folded: one\r\n  two\r\nNext: 1\r\n\r\n",  # obs-fold: the email parser's way
+        b"X-Bare-LF: v\nY: w\n\n",
+        b"X-CR: a\rb\r\n\r\n",
+        b"Bad Name: v\r\nAfter: 1\r\n\r\n",  # not a header line: the rest is unparsed data
+        b": no name\r\n\r\n",
+        b"From someone\r\nX: y\r\n\r\n",
+        b"X-Latin: caf\xe9\r\n\r\n",
+        b"X: v\r\n",  # the stream ended before the blank line
+        b"\r\n",
+    ],
+)
+def test_response_header_blocks_parse_as_http_client_parses_them(block):
+    _same_message(block)
+
+
+@given(st.lists(st.text(alphabet="aZ-_:; \t\r\nF\xe9ro0=", max_size=12), max_size=6))
+@settings(max_examples=400, deadline=None)
+def test_any_response_header_block_parses_as_http_client_parses_it(lines):
+    block = b"".join(line.encode("latin-1") + b"\r\n" for line in lines if line) + b"\r\n"
+    _same_message(block)
