@@ -742,11 +742,10 @@ def sts_calls(sts_url: str) -> int:
 
 def start_jwt_proxy(
     procs: Processes, upstream: Upstream, args: argparse.Namespace, *, sts_extra: list[str] | None = None,
-    proxy_extra: list[str] | None = None, whatif: str = "",
+    proxy_extra: list[str] | None = None,
 ) -> Running:  # fmt: skip
     """local-sts and jwt-proxy (pinned to ``upstream``, one configured audience, so each
-    worker pre-warms its token); returns once every worker has minted it. ``whatif``
-    runs it through bench/whatif.py with those experimental patches."""
+    worker pre-warms its token); returns once every worker has minted it."""
     sts_proc, sts_url = start_local_sts(procs, sts_extra)
     port, metrics_port = free_port(), free_port()
     workers = args.workers
@@ -763,9 +762,6 @@ def start_jwt_proxy(
     ]  # fmt: skip
     env = aws_env(sts_url)
     command = [venv_tool("jwt-proxy")]
-    if whatif:
-        command = [sys.executable, str(BENCH_DIR / "whatif.py")]
-        env["JWT_PROXY_WHATIF"] = whatif
     proc = procs.start("jwt-proxy", [*command, *flags], env=env)
 
     def stop() -> None:
@@ -1534,7 +1530,6 @@ def _short_frame(frame: str) -> str:
 _ANCESTOR_FRAMES = (
     "threading.py", "concurrent/futures/", "click/", "jwt_proxy/cli.py", "jwt_proxy/server.py",
     "jwt_proxy/__main__.py", "gunicorn/arbiter.py", "gunicorn/app/base.py", "<module>", "init_process",
-    "bench/whatif.py",
 )  # fmt: skip
 
 
@@ -1601,7 +1596,6 @@ class Variant:
     flags: list[str] = field(default_factory=list)
     workers: int | None = None
     threads: int | None = None
-    whatif: str = ""
 
 
 PROFILE_VARIANTS = [
@@ -1611,10 +1605,6 @@ PROFILE_VARIANTS = [
     Variant("`--log-level warn --metrics-enabled=false`", ["--log-level", "warn", "--metrics-enabled=false"]),
     Variant("`--threads 8`", threads=8),
     Variant("`--threads 16`", threads=16),
-    Variant("what-if: proxy settings resolved once", whatif="proxies"),
-    Variant("what-if: gunicorn access() no-op", whatif="gunicorn-access"),
-    Variant("what-if: 1 MiB upload blocks", whatif="blocksize"),
-    Variant("what-if: all three", whatif="proxies,gunicorn-access,blocksize"),
 ]
 
 
@@ -1640,7 +1630,7 @@ def run_variants(
     for round_ in range(args.profile_repeat):
         for variant in PROFILE_VARIANTS:
             vargs = _variant_args(args, variant)
-            running = start_jwt_proxy(procs, upstreams.fast, vargs, whatif=variant.whatif)
+            running = start_jwt_proxy(procs, upstreams.fast, vargs)
             try:
                 wait_for_quiet(procs, args.wait_quiet)
                 load.run(running.port, "/1k", 64, args.warmup)
@@ -1654,7 +1644,7 @@ def run_variants(
                 stats = quiet_run(procs, args, measure)
             finally:
                 running.stop()
-            running = start_jwt_proxy(procs, upstreams.stream, vargs, whatif=variant.whatif)
+            running = start_jwt_proxy(procs, upstreams.stream, vargs)
             try:
                 upload(running.port, MIB)
                 upload_s = upload(running.port, body)
@@ -1678,8 +1668,7 @@ def run_variants(
     lines = [
         f"Same load without py-spy, on **one worker** so that the spread of connections over workers does not "
         f"blur the comparison (wrk, 16 connections, `GET /1k`, {args.duration:g} s; upload {args.body_mib} MiB "
-        f"with `Content-Length`), median of {args.profile_repeat} interleaved runs. *what-if* rows run jwt-proxy "
-        "through `bench/whatif.py`, which monkeypatches the change in before gunicorn forks:",
+        f"with `Content-Length`), median of {args.profile_repeat} interleaved runs:",
         "",
         "| jwt-proxy | req/s | p50 ms | p99 ms | CPU ms/request (user + system) | upload MiB/s |",
         "|---|---|---|---|---|---|",
