@@ -24,6 +24,7 @@ from werkzeug.routing import BaseConverter
 from werkzeug.wsgi import ClosingIterator
 
 from . import forward
+from . import inbound
 from . import sts
 from . import tunnel
 from .headers import append_forwarded_for
@@ -249,7 +250,7 @@ class Proxy:
                     base_url=upstream.base_url,
                     target=target,
                     headers=headers,
-                    body=environ["wsgi.input"] if has_body else None,
+                    body=_request_body(environ, chunked) if has_body else None,
                     content_length=content_length,
                 ),
                 timeout_s=config.upstream_timeout_s,
@@ -292,7 +293,7 @@ class Proxy:
         target_url = environ[TARGET_KEY]
         if opened.switched:
             relay = opened.relay(
-                environ["gunicorn.socket"], client_bytes=lambda: tunnel.read_ahead(environ), target=target_url
+                environ["gunicorn.socket"], client_bytes=lambda: inbound.read_ahead(environ), target=target_url
             )
             response = UpgradeResponse(
                 relay,
@@ -340,6 +341,17 @@ def _stream_body(body: t.Iterator[bytes], target: str) -> t.Iterator[bytes]:
             extra={"target": target, "error_type": exc.error_type, "error": str(exc)},
         )
         raise
+
+
+def _request_body(environ: dict[str, t.Any], chunked: bool) -> t.IO[bytes]:
+    """The client's body for the upstream: a chunked one as the server hands it out, one
+    with a length read straight from the socket when the server is gunicorn
+    (:class:`jwt_proxy.inbound.DirectBody`)."""
+    if not chunked:
+        direct = inbound.direct_body(environ)
+        if direct is not None:
+            return direct  # type: ignore[return-value]
+    return environ["wsgi.input"]
 
 
 def _target_from_path(environ: dict[str, t.Any]) -> str:

@@ -195,15 +195,6 @@ class Tunnel:
             self._sock.close()
 
 
-def read_ahead(environ: dict[str, t.Any]) -> bytes:
-    """What gunicorn already read from the client past the handshake's head, taken out
-    of its parser's buffer (``Unreader.take_buffered``): bytes of a client that did not
-    wait for the ``101`` (RFC 6455 says it must). ``b""`` under another server."""
-    unreader = getattr(getattr(environ.get("wsgi.input"), "reader", None), "unreader", None)
-    take = getattr(unreader, "take_buffered", None)
-    return take() if callable(take) else b""
-
-
 def open_tunnel(
     transport: Transport,
     *,
