@@ -801,6 +801,19 @@ def test_status_reason_and_header_lines_are_mapped(session):
             assert b"".join(response.iter_body()) == b"teapot"
 
 
+def test_interleaved_duplicate_header_lines_keep_their_order_and_case(session):
+    lines = [("Set-Cookie", "a=1"), ("X-One", "1"), ("set-cookie", "b=2"), ("Link", "</a>"), ("X-One", "again")]
+
+    def interleaved(seen: RecordedRequest, sock: socket.socket) -> bool:
+        send_response(sock, 200, lines, b"ok")
+        return True
+
+    with RecordingUpstream(interleaved) as upstream:
+        response, body = fetch(session, upstream.url, "/h")
+    assert response.headers == [*lines, ("Content-Length", "2")]
+    assert body == b"ok"
+
+
 def test_a_compressed_body_is_yielded_compressed(session):
     compressed = gzip.compress(b"hello " * 100, mtime=0)
 
