@@ -376,7 +376,7 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
 
     ``timeout_s`` bounds the connection and each wait for the response headers; the body
     then has :data:`BODY_IDLE_TIMEOUT_S` between reads. Proxies come from
-    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` (see :func:`environ_proxies`). Raises
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` (see :meth:`_ProxyAdapter.proxy_for`). Raises
     :class:`UpstreamTimeout`, :class:`UpstreamUnavailable`, :class:`RequestBodyError`,
     or ``ValueError`` for a request the caller should not have built (a target that is
     not origin-form printable ASCII, a length without a body).
@@ -388,7 +388,7 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
         raise TypeError("send() needs a session from make_session()")
     upstream = _parse_base_url(request.base_url)
     headers, body = _wire_message(request)
-    proxy = select_proxy(request.base_url, environ_proxies(request.base_url))
+    proxy = adapter.proxy_for(request.base_url)
     if proxy:
         # The proxy resolves and dials the target: only an address literal can be
         # checked here (a direct connection is checked in _RawTargetConnection).
@@ -690,9 +690,39 @@ class _ProxyAdapter(HTTPAdapter):
     def __init__(self, *, pool_maxsize: int, ssl_context: ssl.SSLContext, policy: AddressPolicy | None = None) -> None:
         self._ssl_context = ssl_context
         self.policy = policy or AddressPolicy()
+        # Per upstream (base URL): the egress proxy decided at the first request, and the
+        # pool last used (looking it up in the pool manager costs a key normalisation).
+        self._proxies: dict[str, str | None] = {}
+        self._pools: dict[tuple[str | None, str, str | None, int | None], HTTPConnectionPool] = {}
         # max_retries=0: a streamed body cannot be replayed. pool_block stays False:
         # requests passes no pool timeout, so a blocked pool would wait forever.
         super().__init__(pool_connections=MAX_UPSTREAM_POOLS, pool_maxsize=pool_maxsize, max_retries=0)
+
+    def proxy_for(self, base_url: str) -> str | None:
+        """The egress proxy for ``base_url`` (``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``),
+        or None, as requests decides it; decided once per upstream, at the first request
+        to it. A running proxy's environment does not change, and reading its eight
+        variables cost a few percent of each request's CPU (bench/)."""
+        try:
+            return self._proxies[base_url]
+        except KeyError:
+            pass
+        proxy = select_proxy(base_url, environ_proxies(base_url)) or None
+        if len(self._proxies) < MAX_CACHED_PROXY_DECISIONS:
+            self._proxies[base_url] = proxy
+        return proxy
+
+    def _pool(self, manager: t.Any, proxy: str | None, upstream: Url) -> HTTPConnectionPool:
+        """``manager``'s pool for ``upstream``, remembered while the manager keeps it open
+        (past :data:`MAX_UPSTREAM_POOLS` hosts it closes the least recently used)."""
+        key = (proxy, upstream.scheme or "", upstream.host, upstream.port)
+        pool = self._pools.get(key)
+        if pool is None or pool.pool is None:
+            pool = manager.connection_from_host(upstream.host, upstream.port, upstream.scheme)
+            if len(self._pools) >= MAX_CACHED_PROXY_DECISIONS:
+                self._pools.clear()
+            self._pools[key] = pool
+        return pool
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: t.Any) -> None:
         pool_kwargs["ssl_context"] = self._ssl_context
@@ -743,7 +773,7 @@ class _ProxyAdapter(HTTPAdapter):
                 wire = f"{upstream.scheme}://{upstream.netloc}{target}"
         else:
             manager = self.poolmanager
-        pool = manager.connection_from_host(upstream.host, upstream.port, upstream.scheme)
+        pool = self._pool(manager, proxy, upstream)
         wire_token = _WIRE_TARGET.set(wire)
         policy_token = _ADDRESS_POLICY.set(self.policy)
         try:
