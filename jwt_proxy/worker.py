@@ -137,29 +137,30 @@ class ProxyWorker(ThreadWorker):
         # Connection -> monotonic deadline of the head being read on it by a pool thread.
         self._head_deadlines: dict[t.Any, float] = {}
         self._head_lock = threading.Lock()
-        self._busy_threads = 0  # pool threads inside handle(), under _head_lock
+        self._waiting = 0  # connections handed to the pool, not yet taken by a thread; under _head_lock
         self._next_heartbeat = 0.0
 
     def init_process(self) -> None:
         self.log.error_log.addFilter(EXCEPTION_ARGS_FILTER)
         super().init_process()  # runs the worker until it exits
 
+    def enqueue_req(self, conn: t.Any) -> None:
+        with self._head_lock:
+            self._waiting += 1
+        super().enqueue_req(conn)
+
     def handle(self, conn: t.Any) -> t.Any:
         """Serve requests on ``conn`` while its client keeps sending them (see
-        :data:`KEEPALIVE_LINGER_S`); then hand it back to the main loop."""
+        :data:`KEEPALIVE_LINGER_MS`); then hand it back to the main loop."""
         with self._head_lock:
-            self._busy_threads += 1
-        try:
-            while True:
-                result = self._handle_one(conn)
-                if result is not True or not self._next_request_within_linger(conn):
-                    break
-            if result is False:
-                _close_here(conn)
-            return result
-        finally:
-            with self._head_lock:
-                self._busy_threads -= 1
+            self._waiting -= 1
+        while True:
+            result = self._handle_one(conn)
+            if result is not True or not self._next_request_within_linger(conn):
+                break
+        if result is False:
+            _close_here(conn)
+        return result
 
     def _handle_one(self, conn: t.Any) -> t.Any:
         with self._head_lock:
@@ -172,10 +173,11 @@ class ProxyWorker(ThreadWorker):
     def _next_request_within_linger(self, conn: t.Any) -> bool:
         """Whether the client's next request is there, or arrives within the linger.
 
-        Only while the worker runs and another thread is free for new connections: a
-        lingering thread never makes a connection wait for a thread.
+        Only while the worker runs and no other connection waits for a thread: checked
+        after every request, so a connection waits at most one request and one linger
+        for a thread that its client's next request would otherwise keep.
         """
-        if not self.alive or self._busy_threads >= self.cfg.threads:
+        if not self.alive or self._waiting > 0:
             return False
         if conn.parser.unreader.buf.getvalue():  # read ahead with the previous request
             return True

@@ -598,3 +598,23 @@ def test_a_client_that_keeps_its_side_open_after_connection_close_stalls_nobody(
         assert lingering.recv(1) == b""  # the proxy closed its side; this client never closed its own
     assert response.status_code == 200
     assert elapsed < 1.0, f"the second client waited {elapsed:.2f} s"
+
+
+def test_clients_that_keep_every_thread_busy_do_not_lock_out_a_new_one(start_proxy, upstream):
+    """A pool thread keeps serving its kept-alive client while the next request follows
+    within the linger; once another connection waits for a thread, it lets go."""
+    proxy = start_proxy("--upstream-host", f"127.0.0.1:{upstream.port}", "--upstream-scheme", "http", "--workers", "1", "--threads", "2")
+    with _BusyClients(proxy.port, 2) as load:
+        load.run_for(0.5)
+        waits = []
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for _ in range(3):
+                started = time.monotonic()
+                newcomer = pool.submit(requests.get, proxy.url + "/newcomer", headers={"Connection": "close"}, timeout=10)
+                while not newcomer.done():
+                    load.run_for(0.02)  # both threads' clients keep sending meanwhile
+                assert newcomer.result().status_code == 200
+                waits.append(time.monotonic() - started)
+        load.run_for(0.2)
+    assert min(load.served) > 10, load.served
+    assert max(waits) < 1.0, f"the new client waited {max(waits):.2f} s"
