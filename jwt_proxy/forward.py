@@ -11,7 +11,7 @@ timeouts) and switches the rest off:
   ``//``, a trailing ``?``, ``[``...): requests normalises URLs and urllib3 re-encodes
   targets (``_encode_target``: ``[`` becomes ``%5B``, a stray ``%`` turns every escape of
   that component into ``%25..``, ``#...`` is cut), so the raw target is handed to the
-  connection directly, see :class:`_RawTargetConnection`;
+  connection directly, see :func:`_exchange`;
 - body framing is decided here from the body actually streamed, never copied (P2);
 - responses are read undecoded, one ``recv`` at a time, with the upstream's header lines
   as they came; redirects are returned, never followed;
@@ -113,10 +113,6 @@ STREAM_BLOCK_BYTES = BODY_CHUNK_BYTES
 # A request target as gunicorn accepts it (RFC 9112 3.2: printable ASCII, origin-form).
 _ORIGIN_FORM_RE = re.compile(r"/[\x21-\x7e]*\Z")
 
-# The exact bytes of the request target of the request being sent by this thread
-# (origin-form, or absolute-form towards a forward proxy). Set only around
-# _ProxyAdapter.open; connections of other sessions never see it.
-_WIRE_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("jwt_proxy_wire_target", default=None)
 
 
 class UpstreamError(Exception):
@@ -287,9 +283,9 @@ class AddressPolicy:
         return is_restricted_address(address) and canonical_address(address) not in self.allowed
 
 
-# The policy of the session whose request this thread is sending; set around
-# _ProxyAdapter.open like _WIRE_TARGET. Unset (a connection made some other way): the
-# default, which refuses every restricted address.
+# The policy of the session whose request this thread is sending; set only around
+# _ProxyAdapter.open. Unset (a connection made some other way): the default, which
+# refuses every restricted address.
 _ADDRESS_POLICY: contextvars.ContextVar[AddressPolicy | None] = contextvars.ContextVar(
     "jwt_proxy_address_policy", default=None
 )
@@ -564,22 +560,15 @@ class _FinalResponse(http.client.HTTPResponse):
 
 
 class _RawTargetConnection(HTTPConnection):
-    """Puts the raw target on the request line and sets the body idle timeout.
+    """A connection that dials only checked addresses and reads the response head with
+    :class:`_FinalResponse`, then sets the body idle timeout.
 
-    urllib3's ``urlopen`` has already re-encoded the target it passes down; the exact one
-    is in :data:`_WIRE_TARGET`, set by :meth:`_ProxyAdapter.open` for this very call.
-    ``http.client`` still refuses control characters and spaces in it.
+    The request target is the raw one: :func:`_exchange` passes it to ``request``
+    directly, past urllib3's ``urlopen``, which would re-encode it. ``http.client``
+    still refuses control characters and spaces in it.
     """
 
     response_class = _FinalResponse
-
-    def putrequest(
-        self, method: str, url: str, skip_host: bool = False, skip_accept_encoding: bool = False
-    ) -> None:
-        wire = _WIRE_TARGET.get()
-        super().putrequest(
-            method, url if wire is None else wire, skip_host=skip_host, skip_accept_encoding=skip_accept_encoding
-        )
 
     def _new_conn(self) -> socket.socket:
         """Resolve once, check every address, then dial only the checked ones.
@@ -760,8 +749,8 @@ class _ProxyAdapter(HTTPAdapter):
         """Send one request on a pooled connection; return when the response head is in,
         with the function that gives the connection back (``True``: it can be reused).
 
-        The request line carries ``target`` exactly (:data:`_WIRE_TARGET`); towards a
-        plain-http forward proxy it is the absolute URL, as requests would send it.
+        The request line carries ``target`` exactly; towards a plain-http forward proxy
+        it is the absolute URL, as requests would send it.
         """
         wire = target
         if proxy:
@@ -774,13 +763,11 @@ class _ProxyAdapter(HTTPAdapter):
         else:
             manager = self.poolmanager
         pool = self._pool(manager, proxy, upstream)
-        wire_token = _WIRE_TARGET.set(wire)
         policy_token = _ADDRESS_POLICY.set(self.policy)
         try:
             return _exchange(pool, method, wire, headers, body, timeout_s)
         finally:
             _ADDRESS_POLICY.reset(policy_token)
-            _WIRE_TARGET.reset(wire_token)
 
 
 def _exchange(
