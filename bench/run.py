@@ -3,7 +3,7 @@
 
 Run from the repository with the project's venv (issue 7)::
 
-    .venv/bin/python bench/run.py                  # full run, ~6 minutes
+    .venv/bin/python bench/run.py                  # full run, ~4 minutes
     .venv/bin/python bench/run.py --quick          # smoke run, ~1 minute
     .venv/bin/python bench/run.py --only jwt-proxy,direct --duration 10
     .venv/bin/python bench/run.py --sts-steady-state   # STS calls under load, ~80 s
