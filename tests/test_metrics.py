@@ -268,20 +268,6 @@ def test_metrics_disabled_binds_nothing_and_records_nothing(start_proxy, upstrea
     assert [p.name for p in tmp_path.iterdir() if p.name != "multiproc"] == []
 
 
-def test_a_busy_metrics_address_stops_the_start_with_one_line(start_proxy):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        port = busy.getsockname()[1]
-        proxy = start_proxy("--metrics-listen-addr", f"127.0.0.1:{port}", ready=False)
-        assert proxy.popen.wait(20) != 0
-    stderr = proxy.stderr_path.read_text().strip().splitlines()
-    assert len(stderr) == 1, stderr
-    assert f"--metrics-listen-addr 127.0.0.1:{port}" in stderr[0] and "in use" in stderr[0]
-    with socket.socket() as sock:
-        assert sock.connect_ex(("127.0.0.1", proxy.port)) != 0
-
-
 def test_a_killed_workers_gauges_disappear(start_proxy, upstream):
     proxy = start_proxy("--upstream-host", f"127.0.0.1:{upstream.port}", "--upstream-scheme", "http")
     wait_for_status(metrics_url(proxy, "/readyz"), 200)  # the worker is up

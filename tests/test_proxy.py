@@ -555,16 +555,19 @@ def test_each_worker_listens_on_its_own_socket_and_busy_clients_land_on_both(sta
     assert held[0] >= 4, f"connections per worker: {held}"
 
 
-def test_a_listen_address_in_use_stops_the_start_with_one_line(start_proxy):
+@pytest.mark.parametrize("flag", ["--listen-addr", "--metrics-listen-addr"])
+def test_an_address_in_use_stops_the_start_with_one_line(start_proxy, flag):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        proxy = start_proxy("--listen-addr", f"127.0.0.1:{port}", ready=False)
+        proxy = start_proxy(flag, f"127.0.0.1:{port}", ready=False)
         assert proxy.popen.wait(20) == 1
     stderr = proxy.stderr_path.read_text().strip().splitlines()
-    assert len(stderr) == 1, stderr
-    assert stderr[0] == f"jwt-proxy: error: --listen-addr 127.0.0.1:{port}: cannot listen there: Address already in use"
+    assert stderr == [f"jwt-proxy: error: {flag} 127.0.0.1:{port}: cannot listen there: Address already in use"]
+    if flag == "--metrics-listen-addr":
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", proxy.port)) != 0  # the proxy never listened
 
 
 def test_a_second_proxy_on_the_same_address_is_refused_and_the_first_keeps_serving(start_proxy, upstream):
