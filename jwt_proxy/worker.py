@@ -43,6 +43,9 @@ from gunicorn.workers.gthread import ThreadWorker
 #: seconds leave room for a loaded host and none for a client that drips it. The check
 #: runs once a second, so a connection is closed 10 to 11 s after a thread took it.
 REQUEST_HEAD_TIMEOUT_S = 10.0
+#: How long a pool thread given a new connection polls for its first bytes itself (a
+#: client sends its request right after connecting) before leaving the wait to gunicorn.
+FIRST_BYTES_POLL_MS = 50
 #: How often the worker tells the master it is alive (the heartbeat file's mtime).
 HEARTBEAT_INTERVAL_S = 1.0
 #: After answering on a kept-alive connection, the pool thread waits this long for the
@@ -165,6 +168,10 @@ class ProxyWorker(ThreadWorker):
     def _handle_one(self, conn: t.Any) -> t.Any:
         with self._head_lock:
             self._head_deadlines[conn] = time.monotonic() + REQUEST_HEAD_TIMEOUT_S
+        if not conn.initialized and not conn.data_ready and _readable(conn.sock, FIRST_BYTES_POLL_MS):
+            # A new connection whose client has sent: gunicorn's own wait for the first
+            # bytes (a selector made and closed per connection) is skipped.
+            conn.data_ready = True
         try:
             return super().handle(conn)
         finally:
@@ -237,6 +244,12 @@ class ProxyWorker(ThreadWorker):
     def _head_received(self, conn: t.Any) -> None:
         with self._head_lock:
             self._head_deadlines.pop(conn, None)
+
+
+def _readable(sock: t.Any, timeout_ms: int) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_ms))
 
 
 def _close_here(conn: t.Any) -> None:
