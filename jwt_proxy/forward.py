@@ -799,10 +799,10 @@ def _exchange(
                 method, wire, body=body, headers=headers, chunked=isinstance(body, _StreamBody),
                 preload_content=False, decode_content=False,
             )  # fmt: skip
-        except BrokenPipeError:
-            pass  # an upstream may answer (413, 401) and close before reading the whole body
         except OSError as exc:
-            if exc.errno not in (errno.EPROTOTYPE, errno.ECONNRESET):
+            # An upstream may answer (413, 401) and close before it has read the whole
+            # body; its answer is read below all the same.
+            if not isinstance(exc, BrokenPipeError) and exc.errno not in (errno.EPROTOTYPE, errno.ECONNRESET):
                 raise
         response = conn.read_head()
     except BaseException:
