@@ -191,9 +191,7 @@ class ProxyWorker(ThreadWorker):
         pending = getattr(conn.sock, "pending", None)  # TLS: decrypted, not yet read
         if pending is not None and pending():
             return True
-        poller = select.poll()
-        poller.register(conn.sock, select.POLLIN)
-        return bool(poller.poll(KEEPALIVE_LINGER_MS))
+        return _readable(conn.sock, KEEPALIVE_LINGER_MS)
 
     def handle_request(self, req: t.Any, conn: t.Any) -> bool:
         self._head_received(conn)  # the head is in: from here the request is the app's
@@ -247,6 +245,8 @@ class ProxyWorker(ThreadWorker):
 
 
 def _readable(sock: t.Any, timeout_ms: int) -> bool:
+    """Whether ``sock`` has bytes (or EOF) to read within ``timeout_ms``; ``poll``, not
+    ``select``, so that descriptors above 1024 work."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(timeout_ms))
