@@ -261,13 +261,7 @@ class Proxy:
             self._observe_upstream(upstream, exc.error_type, TOKEN_OK, started)
             raise
         self._observe_upstream(upstream, "", TOKEN_OK, started)
-        response = ProxyResponse(
-            _stream_body(upstream_response.iter_body(), target_url),
-            status=f"{upstream_response.status} {upstream_response.reason}".rstrip(),
-            headers=upstream_response.headers,
-        )
-        response.call_on_close(upstream_response.close)
-        return response
+        return _passed_back(upstream_response, target_url)
 
     def _tunnel(
         self, upstream: Upstream, target: str, headers: list[tuple[str, str]], environ: dict[str, t.Any]
@@ -289,7 +283,6 @@ class Proxy:
             self._observe_upstream(upstream, exc.error_type, TOKEN_OK, started)
             raise
         self._observe_upstream(upstream, "", TOKEN_OK, started)
-        response: ProxyResponse
         target_url = environ[TARGET_KEY]
         if opened.switched:
             relay = opened.relay(
@@ -300,14 +293,9 @@ class Proxy:
                 status=f"101 {opened.reason or 'Switching Protocols'}",
                 headers=[*opened.headers, *tunnel.UPGRADE_HEADERS],
             )
-        else:
-            response = ProxyResponse(
-                _stream_body(opened.iter_body(), target_url),
-                status=f"{opened.status} {opened.reason}".rstrip(),
-                headers=opened.headers,
-            )
-        response.call_on_close(opened.close)
-        return response
+            response.call_on_close(opened.close)
+            return response
+        return _passed_back(opened, target_url)
 
     def _observe_upstream(self, upstream: Upstream, error_type: str, token_result: str, started: float) -> None:
         """``http_client_request_duration_seconds``: until the response headers, the
@@ -324,6 +312,28 @@ class Proxy:
 # token_result label values (the Go proxy's); see jwt_proxy.metrics.
 TOKEN_OK = "ok"
 TOKEN_FETCH_ERROR = "fetch_error"
+
+
+class _UpstreamAnswer(t.Protocol):
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+
+    def iter_body(self) -> t.Iterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+def _passed_back(answer: _UpstreamAnswer, target: str) -> ProxyResponse:
+    """The upstream's answer as the client's response: its status, header lines and
+    streamed body; the upstream side is closed (or pooled) when the server is done."""
+    response = ProxyResponse(
+        _stream_body(answer.iter_body(), target),
+        status=f"{answer.status} {answer.reason}".rstrip(),
+        headers=answer.headers,
+    )
+    response.call_on_close(answer.close)
+    return response
 
 
 def _stream_body(body: t.Iterator[bytes], target: str) -> t.Iterator[bytes]:

@@ -348,8 +348,9 @@ def make_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
 
 # The variables requests reads to pick an egress proxy (either case).
 _PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
-#: Upstreams whose proxy decision a worker remembers (pinned mode needs one).
-MAX_CACHED_PROXY_DECISIONS = 256
+#: Upstreams (base URLs) whose proxy decision and pool a worker remembers; pinned mode
+#: needs one, header mode without an allowlist is bounded by this.
+MAX_REMEMBERED_UPSTREAMS = 256
 
 
 def environ_proxies(base_url: str) -> dict[str, str]:
@@ -362,7 +363,7 @@ def environ_proxies(base_url: str) -> dict[str, str]:
     return dict(_environ_proxies(base_url, tuple(os.environ.get(name) for name in _PROXY_VARIABLES)))
 
 
-@functools.lru_cache(maxsize=MAX_CACHED_PROXY_DECISIONS)
+@functools.lru_cache(maxsize=MAX_REMEMBERED_UPSTREAMS)
 def _environ_proxies(base_url: str, _variables: tuple[str | None, ...]) -> dict[str, str]:
     return get_environ_proxies(base_url)
 
@@ -697,7 +698,7 @@ class _ProxyAdapter(HTTPAdapter):
         except KeyError:
             pass
         proxy = select_proxy(base_url, environ_proxies(base_url)) or None
-        if len(self._proxies) < MAX_CACHED_PROXY_DECISIONS:
+        if len(self._proxies) < MAX_REMEMBERED_UPSTREAMS:
             self._proxies[base_url] = proxy
         return proxy
 
@@ -708,7 +709,7 @@ class _ProxyAdapter(HTTPAdapter):
         pool = self._pools.get(key)
         if pool is None or pool.pool is None:
             pool = manager.connection_from_host(upstream.host, upstream.port, upstream.scheme)
-            if len(self._pools) >= MAX_CACHED_PROXY_DECISIONS:
+            if len(self._pools) >= MAX_REMEMBERED_UPSTREAMS:
                 self._pools.clear()
             self._pools[key] = pool
         return pool
