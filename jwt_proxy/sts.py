@@ -1,6 +1,6 @@
 """The boto3 edge: region lookup, the STS client, and the ``fetch`` for :class:`TokenStore`.
 
-The only proxy module that imports boto3/botocore (STYLE.md 2.1). Everything
+The only proxy module that imports boto3/botocore. Everything
 that leaves it is stdlib-typed: :class:`~jwt_proxy.tokens.Token` on success,
 :class:`~jwt_proxy.tokens.TokenUnavailable` (with an operator hint) on failure.
 A token value is never logged and never put in an exception. That includes
@@ -18,6 +18,7 @@ import math
 import os
 import time
 import typing as t
+import weakref
 
 import boto3.session
 import botocore.config
@@ -47,6 +48,9 @@ __all__ = [
 
 log = logging.getLogger("jwt_proxy.sts")
 
+# Each client made here -> the botocore session whose credentials it signs with.
+_SESSIONS: weakref.WeakKeyDictionary[BaseClient, botocore.session.Session] = weakref.WeakKeyDictionary()
+
 AWS_SDK_MIN_LOG_LEVEL = logging.INFO
 AWS_SDK_LOGGERS = ("botocore", "boto3")
 
@@ -64,6 +68,9 @@ STS_MIN_DURATION_S = 60  # GetWebIdentityToken's DurationSeconds minimum
 # Left between a retried token's expiry and the end of the caller's session, for
 # clock differences between this host and STS and for the call's own latency.
 SESSION_EXPIRY_MARGIN_S = 10
+# The longest AWS session (a role's maximum session duration): a credential expiry
+# further away than this is searched no further.
+SESSION_LONGEST_S = 12 * 3600
 TRANSPORT_ERROR_CLASS = "transport"
 NO_CREDENTIALS_ERROR_CLASS = "NoCredentials"
 VALIDATION_ERROR_CLASS = "ValidationError"
@@ -182,7 +189,9 @@ def resolve_region() -> str | None:
     return None
 
 
-def make_sts_client(region: str, *, timeout_s: float) -> BaseClient:
+def make_sts_client(
+    region: str, *, timeout_s: float, botocore_session: botocore.session.Session | None = None
+) -> BaseClient:
     """A thread-safe STS client for ``region`` whose calls end within about ``timeout_s``.
 
     Make one per worker, after the fork. Each call builds its own session
@@ -210,6 +219,8 @@ def make_sts_client(region: str, *, timeout_s: float) -> BaseClient:
     on the session outranks the environment and config file; an explicit
     ``AWS_ENDPOINT_URL_STS`` (or ``endpoint_url`` in the profile) still wins,
     which is how ``local-sts`` and tests are reached.
+
+    ``botocore_session`` (tests) brings its own credential chain.
     """
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
@@ -222,50 +233,65 @@ def make_sts_client(region: str, *, timeout_s: float) -> BaseClient:
         retries={"mode": "standard", "total_max_attempts": STS_MAX_ATTEMPTS},
         user_agent_extra=f"jwt-proxy/{__version__}",
     )
-    core = botocore.session.Session()
+    core = botocore_session or botocore.session.Session()
     core.set_config_variable("sts_regional_endpoints", "regional")
     session = boto3.session.Session(botocore_session=core, region_name=region)
-    return session.client("sts", region_name=region, config=config)
+    client = session.client("sts", region_name=region, config=config)
+    _SESSIONS[client] = core
+    return client
+
+
+def _credentials(client: BaseClient) -> t.Any:
+    """The credentials object ``client`` signs with: its botocore session's.
+
+    A client has no public accessor for its credentials, but its session does
+    (``Session.get_credentials``, cached, so the very object the client was made
+    with); :func:`make_sts_client` remembers each client's session.
+    """
+    core = _SESSIONS.get(client)
+    if core is None:
+        raise TypeError("the STS client was not made by jwt_proxy.sts.make_sts_client")
+    return core.get_credentials()
 
 
 def credentials_resolve(client: BaseClient) -> bool:
     """Whether the client has AWS credentials to sign with (no network call; for /readyz).
 
     botocore resolves the credential chain when the client is made; refreshable ones
-    (role, SSO) are refreshed here if they are due, and a failure reads as ``False``.
-    Uses the same private accessor as :func:`credentials_expiry`, for the same reason.
+    (role, SSO) are refreshed here if they are due, and a failure to get them reads as
+    ``False``. Anything else (a botocore change) raises instead of reading as "not yet".
     """
-    get_credentials = getattr(client, "_get_credentials", None)
     try:
-        credentials = get_credentials() if callable(get_credentials) else None
+        credentials = _credentials(client)
         return credentials is not None and bool(credentials.get_frozen_credentials().access_key)
-    except Exception:
+    except botocore.exceptions.BotoCoreError:
         return False
 
 
 def credentials_expiry(client: BaseClient) -> float | None:
-    """When the client's AWS session ends (epoch seconds), if botocore knows.
+    """When the client's AWS session ends (epoch seconds, to the second), if botocore knows.
 
     Used only to pick a shorter token after ``SessionDurationEscalationException``.
-    botocore has no public accessor: the client signs with the credentials
-    object from its session, and for temporary credentials that is a
-    ``RefreshableCredentials`` with an aware ``_expiry_time``. Both lookups go
-    through ``getattr`` so a botocore refactor degrades to ``None`` (then the
-    retry uses the shortest duration) instead of failing the fetch;
-    ``tests/test_sts.py`` pins the lookup against real ``RefreshableCredentials``.
+    Temporary credentials are a ``RefreshableCredentials``, whose public
+    ``refresh_needed(refresh_in)`` tells whether they end within ``refresh_in``
+    seconds: a bisection over that finds the end without reading its private expiry.
     Static keys (env, shared credentials file) have no expiry: ``None``.
     """
-    get_credentials = getattr(client, "_get_credentials", None)
     try:
-        credentials = get_credentials() if callable(get_credentials) else None
-    except Exception:
+        credentials = _credentials(client)
+    except botocore.exceptions.BotoCoreError:
         return None
-    expiry = getattr(credentials, "_expiry_time", None)
-    if not isinstance(expiry, dt.datetime):
+    ends_within = getattr(credentials, "refresh_needed", None)
+    if not callable(ends_within) or not ends_within(refresh_in=SESSION_LONGEST_S):
         return None
-    if expiry.tzinfo is None:
-        expiry = expiry.replace(tzinfo=dt.timezone.utc)
-    return expiry.timestamp()
+    low, high = -1, SESSION_LONGEST_S  # ends within ``high`` seconds, not within ``low``
+    while high - low > 1:
+        middle = (low + high) // 2
+        if ends_within(refresh_in=middle):
+            high = middle
+        else:
+            low = middle
+    return time.time() + high
 
 
 def make_fetch(

@@ -295,7 +295,7 @@ def client_with_session_expiring_in(seconds: float) -> tuple[t.Any, float]:
     core = botocore.session.Session()
     resolver = botocore.credentials.CredentialResolver([Provider()])
     core.register_component("credential_provider", resolver)
-    return core.create_client("sts", region_name=REGION), expiry.timestamp()
+    return make_sts_client(REGION, timeout_s=TIMEOUT_S, botocore_session=core), expiry.timestamp()
 
 
 def test_credentials_expiry_reads_refreshable_credentials() -> None:
@@ -601,3 +601,21 @@ def test_botocore_debug_records_stay_off_even_with_a_debug_root(
     with caplog.at_level(logging.DEBUG):  # as --log-level=debug would set the root
         assert not logging.getLogger("botocore.parsers").isEnabledFor(logging.DEBUG)
         assert not logging.getLogger("botocore.endpoint").isEnabledFor(logging.DEBUG)
+
+
+def test_credentials_expiry_is_found_to_the_second_through_public_methods() -> None:
+    client, expiry = client_with_session_expiring_in(7 * 3600 + 123)
+    assert credentials_expiry(client) == pytest.approx(expiry, abs=1.5)
+
+
+def test_credentials_resolve_reports_missing_credentials_as_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert sts.credentials_resolve(make_sts_client(REGION, timeout_s=TIMEOUT_S)) is False
+
+
+def test_credentials_of_a_client_made_elsewhere_fail_loudly() -> None:
+    """Not a silent "no credentials yet", which readiness would retry for ever."""
+    foreign = botocore.session.Session().create_client("sts", region_name=REGION)
+    with pytest.raises(TypeError, match="make_sts_client"):
+        sts.credentials_resolve(foreign)
