@@ -27,6 +27,7 @@ import time
 import typing as t
 from pathlib import Path
 
+from tests.upstream import LoopbackServer
 from tests.upstream import RecordedRequest
 from tests.upstream import send_chunk
 from tests.upstream import send_response
@@ -62,91 +63,6 @@ def send_pattern(sock: socket.socket, total: int, block: bytes, on_sent: t.Calla
         remaining -= len(piece)
         if on_sent is not None:
             on_sent(len(piece))
-
-
-class _ThreadedServer:
-    """Accept loop plus one thread per connection; everything joined in ``stop()``."""
-
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.ssl_context = ssl_context
-        self.port = 0
-        self.url = ""
-        self.connections_opened = 0
-        self._listener: socket.socket | None = None
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-
-    def start(self):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        listener.settimeout(0.2)
-        self._listener = listener
-        self.port = listener.getsockname()[1]
-        self.url = f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
-        self._spawn(self._accept_loop)
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._listener is not None:
-            self._listener.close()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in list(self._threads):
-            thread.join(JOIN_TIMEOUT_S)
-        for sock in sockets:
-            sock.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _spawn(self, target: t.Callable[..., None], *args: t.Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        with self._lock:
-            self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            sock.settimeout(IO_TIMEOUT_S)
-            with self._lock:
-                self.connections_opened += 1
-                self._sockets.append(sock)
-            self._spawn(self._serve_wrapped, sock)
-
-    def _serve_wrapped(self, sock: socket.socket) -> None:
-        if self.ssl_context is not None:
-            try:
-                tls = self.ssl_context.wrap_socket(sock, server_side=True)
-            except OSError:
-                sock.close()
-                return
-            with self._lock:
-                self._sockets.append(tls)
-            sock = tls
-        self._serve(sock)
-
-    def _serve(self, sock: socket.socket) -> None:
-        raise NotImplementedError
 
 
 class _Stream:
@@ -199,7 +115,7 @@ def header(headers: list[tuple[str, str]], name: str) -> str | None:
     return next((value for key, value in headers if key.lower() == name.lower()), None)
 
 
-class SinkUpstream(_ThreadedServer):
+class SinkUpstream(LoopbackServer):
     """Hashes every request body as it streams in; answers ``{"sha256", "bytes"}``.
 
     ``results`` collects one dict per request (with ``headers``); ``received`` is the
@@ -251,8 +167,6 @@ class SinkUpstream(_ThreadedServer):
                 send_response(sock, 200, [("Content-Type", "application/json")], body)
         except (EOFError, OSError, ValueError):
             pass
-        finally:
-            sock.close()
 
 
 class SendProbe:
@@ -369,7 +283,7 @@ def ws_frame(opcode: int, payload: bytes, mask: bytes = b"") -> bytes:
     return head + mask + (_unmask(payload, mask) if mask else payload)
 
 
-class WebSocketEchoServer(_ThreadedServer):
+class WebSocketEchoServer(LoopbackServer):
     """Echoes text and binary messages and answers pings; records handshakes.
 
     Special text messages: ``"close-me"``: the server sends a close frame (1000) and
@@ -381,7 +295,7 @@ class WebSocketEchoServer(_ThreadedServer):
     """
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        super().__init__(ssl_context)
+        super().__init__(ssl_context=ssl_context)
         self.handshakes: list[tuple[str, list[tuple[str, str]]]] = []
         self.end_reasons: list[str] = []
         self.ended = threading.Event()

@@ -300,30 +300,28 @@ _REASONS = {
 }
 
 
-class RecordingUpstream:
-    """A threaded HTTP/1.1 server on ``127.0.0.1:0`` that records every request.
+class LoopbackServer:
+    """A threaded server on ``127.0.0.1:0``: accept loop, one thread per connection,
+    optional TLS; every thread and socket is joined or closed by :meth:`stop`.
 
-    ``ssl_context`` (a server-side context) makes it speak HTTPS; ``url`` then starts with
-    ``https://``. Threads are daemons and are joined by :meth:`stop`.
+    Subclasses implement :meth:`_serve` for one accepted (and, with ``ssl_context``,
+    wrapped) connection, or :meth:`_serve_connection` to know its number too. ``_lock``
+    is a condition, for subclasses that wait on state.
     """
 
-    def __init__(self, handler: Handler | None = None, *, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.handler = handler
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.ssl_context = ssl_context
         self.host = "127.0.0.1"
         self.port = 0
         self.url = ""
-        self.requests: list[RecordedRequest] = []
         self.connections_opened = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._sockets: set[socket.socket] = set()
 
-    # -- lifecycle --------------------------------------------------------------------
-
-    def start(self) -> RecordingUpstream:
+    def start(self) -> t.Self:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, 0))
@@ -344,7 +342,7 @@ class RecordingUpstream:
             except OSError:
                 pass
             self._listener.close()
-        with self._cond:
+        with self._lock:
             sockets = list(self._sockets)
         for sock in sockets:
             try:
@@ -356,32 +354,19 @@ class RecordingUpstream:
         for sock in sockets:
             sock.close()
 
-    def __enter__(self) -> RecordingUpstream:
+    def __enter__(self) -> t.Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def wait_for_requests(self, n: int, timeout_s: float = 5.0) -> list[RecordedRequest]:
-        """The first ``n`` requests, waiting up to ``timeout_s`` for them to arrive."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while len(self.requests) < n:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"{len(self.requests)} of {n} requests after {timeout_s}s")
-                self._cond.wait(remaining)
-            return list(self.requests[:n])
-
     def sleep(self, seconds: float) -> bool:
         """Sleep in a handler; returns False (stop sleeping) as soon as stop() is called."""
         return not self._stopping.wait(seconds)
 
-    # -- server -----------------------------------------------------------------------
-
     def _spawn(self, target: t.Callable[..., None], name: str, *args: t.Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        with self._cond:
+        with self._lock:
             self._threads.append(thread)
         thread.start()
 
@@ -394,26 +379,69 @@ class RecordingUpstream:
                 continue
             except OSError:
                 return
-            with self._cond:
+            with self._lock:
                 self.connections_opened += 1
                 number = self.connections_opened
                 self._sockets.add(sock)
-            self._spawn(self._serve_connection, f"upstream-conn-{number}", sock, number)
+            self._spawn(self._serve_wrapped, f"upstream-conn-{number}", sock, number)
 
-    def _serve_connection(self, sock: socket.socket, number: int) -> None:
+    def _serve_wrapped(self, sock: socket.socket, number: int) -> None:
         try:
             sock.settimeout(IO_TIMEOUT_S)
             if self.ssl_context is not None:
                 tls = self.ssl_context.wrap_socket(sock, server_side=True)
-                with self._cond:
+                with self._lock:
                     self._sockets.add(tls)
                 sock = tls
+        except OSError:
+            sock.close()
+            return
+        try:
+            self._serve_connection(sock, number)
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _serve_connection(self, sock: socket.socket, number: int) -> None:
+        self._serve(sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class RecordingUpstream(LoopbackServer):
+    """An HTTP/1.1 server on ``127.0.0.1:0`` that records every request.
+
+    ``ssl_context`` (a server-side context) makes it speak HTTPS; ``url`` then starts with
+    ``https://``.
+    """
+
+    def __init__(self, handler: Handler | None = None, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(ssl_context=ssl_context)
+        self.handler = handler
+        self.requests: list[RecordedRequest] = []
+
+    def wait_for_requests(self, n: int, timeout_s: float = 5.0) -> list[RecordedRequest]:
+        """The first ``n`` requests, waiting up to ``timeout_s`` for them to arrive."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while len(self.requests) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(self.requests)} of {n} requests after {timeout_s}s")
+                self._lock.wait(remaining)
+            return list(self.requests[:n])
+
+    def _serve_connection(self, sock: socket.socket, number: int) -> None:
+        try:
             reader = _Reader(sock)
             while not self._stopping.is_set():
                 request = self._read_request(reader, number)
-                with self._cond:
+                with self._lock:
                     self.requests.append(request)
-                    self._cond.notify_all()
+                    self._lock.notify_all()
                 if self.handler is not None:
                     keep_alive = self.handler(request, sock) is True
                 else:
@@ -422,11 +450,6 @@ class RecordingUpstream:
                     break
         except (_Closed, OSError, ValueError):
             pass
-        finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
 
     def _read_request(self, reader: _Reader, number: int) -> RecordedRequest:
         head = reader.line()
