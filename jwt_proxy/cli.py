@@ -203,7 +203,7 @@ def local_sts(listen_addr: str, fail_with: str | None, stall: str | None, max_to
     Point the proxy at it with AWS_ENDPOINT_URL_STS=http://127.0.0.1:4599; any credentials
     are accepted.
     """
-    from .localsts import LocalSTS
+    from .devtools.localsts import LocalSTS
 
     address = _listen_addr("--listen-addr", listen_addr)
     lifetime_s = _seconds("--max-token-lifetime", max_token_lifetime)
@@ -238,7 +238,7 @@ def demo(listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metr
         ("--metrics-listen-addr", metrics_listen_addr),
     ):
         _listen_addr(flag, value)
-    from .demo import run_demo
+    from .devtools.demo import run_demo
 
     return run_demo(
         listen_addr=listen_addr,

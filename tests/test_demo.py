@@ -23,11 +23,11 @@ import requests
 from botocore.config import Config
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from jwt_proxy.demo import AUDIENCE
-from jwt_proxy.demo import CLIENT_API_KEY
-from jwt_proxy.demo import EchoUpstream
-from jwt_proxy.demo import proxy_environment
-from jwt_proxy.localsts import LocalSTS
+from jwt_proxy.devtools.demo import AUDIENCE
+from jwt_proxy.devtools.demo import CLIENT_API_KEY
+from jwt_proxy.devtools.demo import EchoUpstream
+from jwt_proxy.devtools.demo import proxy_environment
+from jwt_proxy.devtools.localsts import LocalSTS
 
 HTTP_TIMEOUT_S = 5.0
 DEMO_BANNER_TIMEOUT_S = 60.0

@@ -16,10 +16,10 @@ import pytest
 import requests
 from botocore.config import Config
 
-from jwt_proxy.localsts import CALLER_ROLE_ARN
-from jwt_proxy.localsts import CALLER_SESSION_ARN
-from jwt_proxy.localsts import CLAIMS_NAMESPACE
-from jwt_proxy.localsts import LocalSTS
+from jwt_proxy.devtools.localsts import CALLER_ROLE_ARN
+from jwt_proxy.devtools.localsts import CALLER_SESSION_ARN
+from jwt_proxy.devtools.localsts import CLAIMS_NAMESPACE
+from jwt_proxy.devtools.localsts import LocalSTS
 
 HTTP_TIMEOUT_S = 5.0
 

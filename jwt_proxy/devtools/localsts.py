@@ -81,18 +81,18 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import ECAlgorithm
 from jwt.algorithms import RSAAlgorithm
 
-from .config import MAX_AUDIENCE_CHARS
-from .config import MAX_AUDIENCES
-from .config import MAX_SCOPE_CHARS
-from .config import MAX_TAG_KEY_CHARS
-from .config import MAX_TAG_VALUE_CHARS
-from .config import MAX_TAGS
-from .config import MAX_TOKEN_DURATION_S
-from .config import MIN_TOKEN_DURATION_S
-from .config import SCOPE_PATTERN
-from .config import SIGNING_ALGORITHMS
-from .config import SUBJECT_MODES
-from .config import is_tag_text
+from ..config import MAX_AUDIENCE_CHARS
+from ..config import MAX_AUDIENCES
+from ..config import MAX_SCOPE_CHARS
+from ..config import MAX_TAG_KEY_CHARS
+from ..config import MAX_TAG_VALUE_CHARS
+from ..config import MAX_TAGS
+from ..config import MAX_TOKEN_DURATION_S
+from ..config import MIN_TOKEN_DURATION_S
+from ..config import SCOPE_PATTERN
+from ..config import SIGNING_ALGORITHMS
+from ..config import SUBJECT_MODES
+from ..config import is_tag_text
 
 STS_API_VERSION = "2011-06-15"
 STS_XML_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"

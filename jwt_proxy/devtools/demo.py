@@ -1,6 +1,6 @@
 """``jwt-proxy demo``: the whole product on loopback, with no AWS account.
 
-Three pieces are wired together: :class:`~jwt_proxy.localsts.LocalSTS` (in a thread)
+Three pieces are wired together: :class:`~jwt_proxy.devtools.localsts.LocalSTS` (in a thread)
 plays STS; :class:`EchoUpstream` (in a thread) plays the third-party API, verifying the
 bearer JWT against the local STS's JWKS exactly as a real relying party would and
 echoing the verified claims and the headers it received; and the real proxy runs as a
@@ -29,8 +29,8 @@ import jwt
 from jwt.exceptions import InvalidTokenError
 from jwt.exceptions import PyJWKClientError
 
-from .config import ConfigError
-from .config import parse_listen_addr
+from ..config import ConfigError
+from ..config import parse_listen_addr
 from .localsts import SIGNING_ALGORITHMS
 from .localsts import DevHTTPServer
 from .localsts import DevRequestHandler
