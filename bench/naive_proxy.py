@@ -1,4 +1,4 @@
-"""The baseline of issue 7: the obvious Flask + requests reverse proxy.
+"""The baseline: the obvious Flask + requests reverse proxy.
 
 What a first version of jwt-proxy would look like: a catch-all Flask view that adds a
 fixed ``Authorization`` header and forwards with ``requests.Session().request(...)``,

@@ -76,7 +76,7 @@ def format_table(results: dict[str, dict[str, t.Any]], body_mib: int) -> str:
 
 
 def check_targets(results: dict[str, dict[str, t.Any]], body_mib: int) -> list[tuple[str, str, str, bool | None]]:
-    """The targets of issue 7 for jwt-proxy: (target, measured, verdict text, met)."""
+    """The performance targets for jwt-proxy: (target, measured, verdict text, met)."""
     checks: list[tuple[str, str, str, bool | None]] = []
     jp = results.get("jwt-proxy")
     if jp is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark of jwt-proxy against a direct call, nginx, a naive Flask proxy (and Go).
 
-Run from the repository with the project's venv (issue 7)::
+Run from the repository with the project's venv::
 
     .venv/bin/python bench/run.py                  # full run, ~4 minutes
     .venv/bin/python bench/run.py --quick          # smoke run, ~1 minute
@@ -51,7 +51,7 @@ from steady_state import run_sts_steady_state  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark jwt-proxy against a direct call, nginx, a naive Flask proxy and Go (issue 7).",
+        description="Benchmark jwt-proxy against a direct call, nginx, a naive Flask proxy and Go.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Prerequisites: {INSTALL_HINT}. Run with the project's venv: .venv/bin/python bench/run.py",
     )
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", help="also write the markdown report to this file")
     parser.add_argument("--json", help="also write the raw results as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
-    mode = parser.add_argument_group("STS steady state (issue 7 point 4)")
+    mode = parser.add_argument_group("STS steady state")
     mode.add_argument("--sts-steady-state", action="store_true", help="count STS calls per refresh cycle under constant load")
     mode.add_argument("--sts-duration", type=float, default=None, help="seconds of load (default 70; --quick 25)")
     mode.add_argument("--sts-rate", type=float, default=200.0, help="requests per second (default 200)")
