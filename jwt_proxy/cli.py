@@ -261,6 +261,23 @@ def healthcheck(ctx: click.Context) -> None:
     click.echo(result.line)
 
 
+def _configure_logging(ctx: click.Context) -> Config:
+    """Log as the proxy does (``--log-level``, ``--log-format``), for subcommands that serve.
+
+    Only the log options are read: the others are the proxy's, which these commands do
+    not use, and a bad one in the environment must not stop them.
+    """
+    from .logs import configure
+
+    params = ctx.parent.params
+    try:
+        config = Config.from_options(log_level=params["log_level"], log_format=params["log_format"])
+    except ConfigError as exc:
+        raise usage_error(ctx.parent, exc) from None
+    configure(config.log_level, config.log_format)
+    return config
+
+
 @root.command("local-sts")
 @click.option("--listen-addr", default="127.0.0.1:4599", show_default=True, help="host:port to serve on.")
 @click.option("--fail-with", default=None, help="Answer every GetWebIdentityToken with this AWS error code.")
@@ -271,14 +288,23 @@ def healthcheck(ctx: click.Context) -> None:
     default=None,
     help="With --fail-with=SessionDurationEscalationException: fail only above this duration.",
 )
-def local_sts(listen_addr: str, fail_with: str | None, stall: str | None, max_token_lifetime: str | None, max_session_duration: str | None) -> None:
+@click.pass_context
+def local_sts(
+    ctx: click.Context,
+    listen_addr: str,
+    fail_with: str | None,
+    stall: str | None,
+    max_token_lifetime: str | None,
+    max_session_duration: str | None,
+) -> None:
     """Serve a local stand-in for STS GetWebIdentityToken, with its JWKS (for development).
 
     Point the proxy at it with AWS_ENDPOINT_URL_STS=http://127.0.0.1:4599; any credentials
-    are accepted.
+    are accepted. Logs one record per request to stdout, as the proxy does.
     """
     from .localsts import LocalSTS
 
+    _configure_logging(ctx)
     address = _listen_addr("--listen-addr", listen_addr)
     lifetime_s = _seconds("--max-token-lifetime", max_token_lifetime)
     session_s = _seconds("--max-session-duration", max_session_duration)
@@ -303,8 +329,13 @@ def local_sts(listen_addr: str, fail_with: str | None, stall: str | None, max_to
 @click.option("--sts-listen-addr", default="127.0.0.1:4599", show_default=True, help="Where local-sts listens.")
 @click.option("--upstream-listen-addr", default="127.0.0.1:8081", show_default=True, help="Where the echo upstream listens.")
 @click.option("--metrics-listen-addr", default="127.0.0.1:9090", show_default=True, help="Where the proxy's metrics listen.")
-def demo(listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metrics_listen_addr: str) -> int:
-    """Run local-sts, a JWT-verifying echo upstream and the proxy, wired on loopback."""
+@click.pass_context
+def demo(ctx: click.Context, listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metrics_listen_addr: str) -> int:
+    """Run local-sts, a JWT-verifying echo upstream and the proxy, wired on loopback.
+
+    All three log to stdout in --log-format (JSON by default), one record per line; the
+    banner with the curl to try goes to stderr.
+    """
     for flag, value in (
         ("--listen-addr", listen_addr),
         ("--sts-listen-addr", sts_listen_addr),
@@ -314,11 +345,14 @@ def demo(listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metr
         _listen_addr(flag, value)
     from .demo import run_demo
 
+    log_config = _configure_logging(ctx)
     return run_demo(
         listen_addr=listen_addr,
         sts_addr=sts_listen_addr,
         upstream_addr=upstream_listen_addr,
         metrics_listen_addr=metrics_listen_addr,
+        log_level=log_config.log_level,
+        log_format=log_config.log_format,
     )
 
 
