@@ -385,3 +385,23 @@ def wait_for_http(url: str) -> None:
         except requests.ConnectionError:
             time.sleep(0.1)
     raise AssertionError(f"nothing answered at {url}")
+
+
+TEST_ONLY_PACKAGES = ("pytest", "moto", "hypothesis", "websocket", "yaml", "responses", "kubernetes_validate")
+
+
+def test_the_demo_needs_none_of_the_test_extras():
+    """``pip install .`` then ``jwt-proxy demo``: nothing the demo imports is a test extra."""
+    program = f"""
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {TEST_ONLY_PACKAGES!r}:
+            raise ImportError("test extra imported: " + name)
+sys.meta_path.insert(0, Refuse())
+import jwt_proxy.cli, jwt_proxy.demo, jwt_proxy.localsts, jwt_proxy.logs
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"
