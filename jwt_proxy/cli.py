@@ -247,7 +247,9 @@ def healthcheck(ctx: click.Context) -> None:
     except ValueError:
         enabled = True  # the proxy would not have started; the probe says nothing listens
     if not enabled:
-        click.echo(f"{PROG}: not ready: the metrics listener is off (--metrics-enabled=false), nothing serves /readyz", err=True)
+        from_env = ctx.parent.get_parameter_source("metrics_enabled") is ParameterSource.ENVIRONMENT
+        setting = "METRICS_ENABLED" if from_env else "--metrics-enabled"
+        click.echo(f"{PROG}: not ready: the metrics listener is off ({setting}={params['metrics_enabled']}), nothing serves /readyz", err=True)
         ctx.exit(1)
     try:
         address = parse_listen_addr("--metrics-listen-addr", params["metrics_listen_addr"])

@@ -79,7 +79,8 @@ def test_nothing_listening_is_unhealthy_with_one_line():
     [
         ([], {"METRICS_LISTEN_ADDR": "nine"}, "jwt-proxy: not ready: invalid value for METRICS_LISTEN_ADDR: 'nine': "),
         (["--metrics-listen-addr", "nine"], {}, "jwt-proxy: not ready: invalid value for --metrics-listen-addr: 'nine': "),
-        ([], {"METRICS_ENABLED": "false"}, "jwt-proxy: not ready: the metrics listener is off"),
+        ([], {"METRICS_ENABLED": "false"}, "jwt-proxy: not ready: the metrics listener is off (METRICS_ENABLED=false)"),
+        (["--metrics-enabled=no"], {}, "jwt-proxy: not ready: the metrics listener is off (--metrics-enabled=no)"),
     ],
 )
 def test_settings_that_name_no_listener_are_unhealthy_not_a_usage_error(flags, env, line):
