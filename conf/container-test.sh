@@ -158,6 +158,8 @@ main() {
     wait_for_http "http://127.0.0.1:$STS_PORT/.well-known/jwks.json" 200 \
         || { "$ENGINE" logs "$DEMO_NAME" >&2; fail "local-sts did not start"; }
 
+    # Without systemd, podman logs that it cannot schedule the HEALTHCHECK's timer;
+    # `podman healthcheck run` below runs the check on demand instead.
     say "the image under test: read-only root, tmpfs on /tmp, pinned to the echo upstream"
     "$ENGINE" run -d --name "$PROXY_NAME" "${RUN_FLAGS[@]}" --read-only --tmpfs /tmp \
         -e AWS_REGION=us-east-1 -e AWS_ACCESS_KEY_ID=AKIASMOKETEST -e AWS_SECRET_ACCESS_KEY=smoke-test \
