@@ -12,11 +12,14 @@ does, so the Go proxy's command lines work unchanged.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import signal
+import sys
 import threading
 import typing as t
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .config import Config
@@ -106,17 +109,43 @@ def _add_options(command: t.Callable) -> t.Callable:
     return command
 
 
-def build_config(params: dict[str, t.Any]) -> Config:
-    """A validated Config from the root command's raw parameters and the AWS region.
+def _option_named(flag: str) -> Option | None:
+    return next((option for option in OPTIONS if f"--{option.name}" == flag), None)
+
+
+def usage_error(ctx: click.Context, exc: ConfigError) -> click.UsageError:
+    """The one-line error for a bad root option, naming what the operator actually set.
+
+    A value that came from the environment is named by its variable (``TOKEN_DURATION``),
+    not by a flag nobody typed.
+    """
+    option = _option_named(exc.flag)
+    if option is not None:
+        source = ctx.get_parameter_source(option.name.replace("-", "_"))
+        if source is ParameterSource.ENVIRONMENT:
+            exc = ConfigError(option.envvar, exc.value, exc.allowed)
+    return click.UsageError(str(exc))
+
+
+def validated_config(ctx: click.Context, **overrides: t.Any) -> Config:
+    """A Config from the root command's parameters (``ctx`` is the root's context).
+
+    :raises click.UsageError: one line naming the bad flag or environment variable.
+    """
+    try:
+        return Config.from_options(**{**ctx.params, **overrides})
+    except ConfigError as exc:
+        raise usage_error(ctx, exc) from None
+
+
+def build_config(ctx: click.Context, **overrides: t.Any) -> Config:
+    """A validated Config from the root command's parameters, with the AWS region.
 
     :raises click.UsageError: one line naming the bad flag, or saying to set AWS_REGION.
     """
     from .sts import resolve_region
 
-    try:
-        config = Config.from_options(**params)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    config = validated_config(ctx, **overrides)
     try:
         region = resolve_region()
     except ValueError as exc:  # AWS_PROFILE names a profile that does not exist
@@ -129,11 +158,12 @@ def build_config(params: dict[str, t.Any]) -> Config:
 def config_from_environment() -> Config:
     """The Config that ``jwt-proxy`` with no flags would build: for ``conf/gunicorn.conf.py``."""
     context = root.make_context(PROG, [], resilient_parsing=False)
-    return build_config(context.params)
+    return build_config(context)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @_add_options
+@click.version_option(__version__, "--version", "-version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.pass_context
 def root(ctx: click.Context, **params: t.Any) -> None:
     """Proxy HTTP requests to an upstream with an AWS STS web identity JWT as bearer token.
@@ -143,7 +173,7 @@ def root(ctx: click.Context, **params: t.Any) -> None:
     ctx.obj = params
     if ctx.invoked_subcommand is not None:
         return
-    config = build_config(params)
+    config = build_config(ctx)
     # Imports gunicorn, not prometheus_client: the multiprocess directory must be settled
     # before anything imports that (its mode is chosen at import).
     from . import server
@@ -160,6 +190,14 @@ def root(ctx: click.Context, **params: t.Any) -> None:
 def version() -> None:
     """Print the version."""
     click.echo(f"{PROG} {__version__}")
+
+
+def _check_audience_option(audience: tuple[str, ...]) -> None:
+    """A subcommand's ``--audience`` values, by ``--token-audience``'s rules, named as ``--audience``."""
+    try:
+        Config.from_options(token_audience=audience)
+    except ConfigError as exc:
+        raise click.UsageError(str(ConfigError("--audience", exc.value, exc.allowed))) from None
 
 
 def _listen_addr(flag: str, value: str):
@@ -187,6 +225,61 @@ def _wait_for_stop_signal() -> None:
         pass
 
 
+@root.command()
+@click.pass_context
+def healthcheck(ctx: click.Context) -> None:
+    """Exit 0 if the proxy's metrics listener answers /readyz with 200, else 1.
+
+    Reads the same options as the proxy (--metrics-listen-addr / METRICS_LISTEN_ADDR; a
+    wildcard address is asked on loopback), for container health checks:
+
+    \b
+        HEALTHCHECK CMD ["jwt-proxy", "healthcheck"]
+
+    Prints one line either way. Every failure exits 1, as Docker and ECS expect.
+    """
+    from .config import parse_bool
+    from .healthcheck import probe_readiness
+
+    params = ctx.parent.params
+    try:
+        enabled = parse_bool(params["metrics_enabled"])
+    except ValueError:
+        enabled = True  # the proxy would not have started; the probe says nothing listens
+    if not enabled:
+        from_env = ctx.parent.get_parameter_source("metrics_enabled") is ParameterSource.ENVIRONMENT
+        setting = "METRICS_ENABLED" if from_env else "--metrics-enabled"
+        click.echo(f"{PROG}: not ready: the metrics listener is off ({setting}={params['metrics_enabled']}), nothing serves /readyz", err=True)
+        ctx.exit(1)
+    try:
+        address = parse_listen_addr("--metrics-listen-addr", params["metrics_listen_addr"])
+    except ConfigError as exc:
+        click.echo(f"{PROG}: not ready: {usage_error(ctx.parent, exc).format_message()}", err=True)
+        ctx.exit(1)
+    result = probe_readiness(address)
+    if not result.ready:
+        click.echo(f"{PROG}: {result.line}", err=True)
+        ctx.exit(1)
+    click.echo(result.line)
+
+
+def _configure_logging(ctx: click.Context) -> Config:
+    """Log as the proxy does (``--log-level``, ``--log-format``), for subcommands that serve.
+
+    Only the log options are read: the others are the proxy's, which these commands do
+    not use, and a bad one in the environment must not stop them.
+    """
+    from .logs import configure
+
+    params = ctx.parent.params
+    try:
+        config = Config.from_options(log_level=params["log_level"], log_format=params["log_format"])
+    except ConfigError as exc:
+        raise usage_error(ctx.parent, exc) from None
+    configure(config.log_level, config.log_format)
+    return config
+
+
 @root.command("local-sts")
 @click.option("--listen-addr", default="127.0.0.1:4599", show_default=True, help="host:port to serve on.")
 @click.option("--fail-with", default=None, help="Answer every GetWebIdentityToken with this AWS error code.")
@@ -197,14 +290,23 @@ def _wait_for_stop_signal() -> None:
     default=None,
     help="With --fail-with=SessionDurationEscalationException: fail only above this duration.",
 )
-def local_sts(listen_addr: str, fail_with: str | None, stall: str | None, max_token_lifetime: str | None, max_session_duration: str | None) -> None:
+@click.pass_context
+def local_sts(
+    ctx: click.Context,
+    listen_addr: str,
+    fail_with: str | None,
+    stall: str | None,
+    max_token_lifetime: str | None,
+    max_session_duration: str | None,
+) -> None:
     """Serve a local stand-in for STS GetWebIdentityToken, with its JWKS (for development).
 
     Point the proxy at it with AWS_ENDPOINT_URL_STS=http://127.0.0.1:4599; any credentials
-    are accepted.
+    are accepted. Logs one record per request to stdout, as the proxy does.
     """
     from .devtools.localsts import LocalSTS
 
+    _configure_logging(ctx)
     address = _listen_addr("--listen-addr", listen_addr)
     lifetime_s = _seconds("--max-token-lifetime", max_token_lifetime)
     session_s = _seconds("--max-session-duration", max_session_duration)
@@ -229,8 +331,13 @@ def local_sts(listen_addr: str, fail_with: str | None, stall: str | None, max_to
 @click.option("--sts-listen-addr", default="127.0.0.1:4599", show_default=True, help="Where local-sts listens.")
 @click.option("--upstream-listen-addr", default="127.0.0.1:8081", show_default=True, help="Where the echo upstream listens.")
 @click.option("--metrics-listen-addr", default="127.0.0.1:9090", show_default=True, help="Where the proxy's metrics listen.")
-def demo(listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metrics_listen_addr: str) -> int:
-    """Run local-sts, a JWT-verifying echo upstream and the proxy, wired on loopback."""
+@click.pass_context
+def demo(ctx: click.Context, listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metrics_listen_addr: str) -> int:
+    """Run local-sts, a JWT-verifying echo upstream and the proxy, wired on loopback.
+
+    All three log to stdout in --log-format (JSON by default), one record per line; the
+    banner with the curl to try goes to stderr.
+    """
     for flag, value in (
         ("--listen-addr", listen_addr),
         ("--sts-listen-addr", sts_listen_addr),
@@ -240,11 +347,14 @@ def demo(listen_addr: str, sts_listen_addr: str, upstream_listen_addr: str, metr
         _listen_addr(flag, value)
     from .devtools.demo import run_demo
 
+    log_config = _configure_logging(ctx)
     return run_demo(
         listen_addr=listen_addr,
         sts_addr=sts_listen_addr,
         upstream_addr=upstream_listen_addr,
         metrics_listen_addr=metrics_listen_addr,
+        log_level=log_config.log_level,
+        log_format=log_config.log_format,
     )
 
 
@@ -283,12 +393,9 @@ def token_command(ctx: click.Context, audience: tuple[str, ...], decode: bool) -
             click.echo(f"hint: {hint}", err=True)
         ctx.exit(1)
 
-    try:  # the --audience values by --token-audience's rules, named as --audience
-        Config.from_options(token_audience=audience)
-    except ConfigError as exc:
-        raise click.UsageError(str(ConfigError("--audience", exc.value, exc.allowed))) from None
+    _check_audience_option(audience)
     # --token-scope is checked against the audiences this token is for.
-    config = build_config({**ctx.parent.params, "token_audience": audience})
+    config = build_config(ctx.parent, token_audience=audience)
     try:
         client = make_sts_client(config.region, timeout_s=config.upstream_timeout_s)
     except Exception as exc:  # e.g. botocore's InvalidRegionError
@@ -336,21 +443,19 @@ def doctor_command(ctx: click.Context, offline: bool, audience: tuple[str, ...])
     """
     from .doctor import run_checks
 
-    params = dict(ctx.parent.params)
+    overrides: dict[str, t.Any] = {}
+    audience_source = "--token-audience"
     if audience:
-        try:  # the --audience values by --token-audience's rules, named as --audience
-            Config.from_options(token_audience=audience)
-        except ConfigError as exc:
-            raise click.UsageError(str(ConfigError("--audience", exc.value, exc.allowed))) from None
-        params["token_audience"] = audience
+        _check_audience_option(audience)
+        overrides["token_audience"] = audience
+        audience_source = "--audience"
+    elif ctx.parent.get_parameter_source("token_audience") is ParameterSource.ENVIRONMENT:
+        audience_source = "TOKEN_AUDIENCE"
     # build_config's validation without its region lookup: a missing region is the
     # first check's FAIL here, not a usage error.
-    try:
-        config = Config.from_options(**params)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    config = validated_config(ctx.parent, **overrides)
     failed = False
-    for check in run_checks(config, offline=offline):
+    for check in run_checks(config, offline=offline, audience_source=audience_source):
         for line in check.lines():
             click.echo(line)
         failed = failed or check.failed
@@ -358,11 +463,43 @@ def doctor_command(ctx: click.Context, offline: bool, audience: tuple[str, ...])
         ctx.exit(1)
 
 
+def _proxy_option_after_subcommand(exc: click.NoSuchOption, argv: list[str]) -> str:
+    """A hint when a subcommand was given one of the proxy's options, else ``""``.
+
+    The proxy's options belong to the root command, so ``jwt-proxy token --token-duration
+    10m`` is an unknown option of ``token``; say where it goes, with the value given.
+    (click reports a single-dash ``-token-scope`` as ``-t``, so argv is searched.)
+    """
+    if exc.ctx is None or exc.ctx.parent is None or exc.ctx.info_name not in argv:
+        return ""
+    subcommand = exc.ctx.info_name
+    after = argv[argv.index(subcommand) + 1 :]
+    for position, arg in enumerate(after):
+        name, equals, inline_value = arg.lstrip("-").partition("=")
+        option = _option_named(f"--{name}") if arg.startswith("-") else None
+        if option is None:
+            continue
+        if equals:
+            value = shlex.quote(inline_value)
+        elif position + 1 < len(after):
+            value = shlex.quote(after[position + 1])
+        else:
+            value = "VALUE"
+        return f" (an option of {PROG} itself: it goes before the subcommand, {PROG} --{option.name} {value} {subcommand} ...)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; click's errors become one line on stderr and exit status 2."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        result = root.main(args=argv, prog_name=PROG, standalone_mode=False)
+        result = root.main(args=args, prog_name=PROG, standalone_mode=False)
     except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.NoSuchOption as exc:
+        hint = _proxy_option_after_subcommand(exc, args)
+        message = exc.format_message().rstrip(".") + hint if hint else exc.format_message()
+        click.echo(f"{PROG}: error: {message}", err=True)
         return exc.exit_code
     except click.ClickException as exc:
         click.echo(f"{PROG}: error: {exc.format_message()}", err=True)

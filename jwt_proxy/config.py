@@ -119,11 +119,21 @@ class ListenAddress:
     port: int
 
     @property
+    def connect_host(self) -> str:
+        """Where a client on this machine connects to reach it: loopback for a wildcard."""
+        return connect_host(self.host)
+
+    @property
     def bind(self) -> str:
         """The gunicorn ``bind`` spelling, with brackets for IPv6."""
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+
+def connect_host(host: str) -> str:
+    """The address that reaches a listener bound to ``host`` from this machine."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
 def parse_listen_addr(flag: str, text: str) -> ListenAddress:

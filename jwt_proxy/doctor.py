@@ -221,15 +221,16 @@ def check_credentials(client: BaseClient) -> Check:
 # -- 3. token ------------------------------------------------------------------------
 
 
-def choose_audiences(config: Config) -> tuple[AudienceSet | None, str]:
+def choose_audiences(config: Config, audience_source: str = "--token-audience") -> tuple[AudienceSet | None, str]:
     """The audience set the proxy would mint for, and where it comes from.
 
-    ``--token-audience`` when configured (the CLI puts ``doctor --audience`` there), else
+    The configured audiences when there are some (``audience_source`` says who set them:
+    ``--token-audience``, ``TOKEN_AUDIENCE``, or ``doctor --audience``), else
     the audience derived from a pinned ``--upstream-host``, else ``None``: the proxy then
     derives one per request and there is nothing fixed to check.
     """
     if config.token_audiences:
-        return config.token_audiences, "--token-audience"
+        return config.token_audiences, audience_source
     if config.upstream is not None:
         return (Upstream(config.upstream_scheme, config.upstream).audience,), "derived from --upstream-host"
     return None, ""
@@ -423,7 +424,13 @@ def check_signature(
 # -- all of them ---------------------------------------------------------------------
 
 
-def run_checks(config: Config, *, offline: bool = False, environ: Mapping[str, str] = os.environ) -> Iterator[Check]:
+def run_checks(
+    config: Config,
+    *,
+    offline: bool = False,
+    environ: Mapping[str, str] = os.environ,
+    audience_source: str = "--token-audience",
+) -> Iterator[Check]:
     """Run the checks in order, yielding each as it finishes (so the CLI prints as it goes).
 
     ``config`` is validated but need not carry a region: finding one is the first check.
@@ -441,7 +448,7 @@ def run_checks(config: Config, *, offline: bool = False, environ: Mapping[str, s
         yield from (_skipped(name, "needs working credentials") for name in CHECK_NAMES[2:])
         return
 
-    audiences, source = choose_audiences(config)
+    audiences, source = choose_audiences(config, audience_source)
     if audiences is None:
         yield _skipped(TOKEN, NO_AUDIENCE_NOTE)
         yield from (_skipped(name, "needs a token") for name in CHECK_NAMES[3:])

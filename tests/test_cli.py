@@ -26,10 +26,12 @@ def run(args, env=None):
 
 
 @pytest.mark.parametrize("script", ["jwt-proxy", "aws-outbound-jwt-proxy"])
-def test_both_scripts_print_the_version(script):
-    result = run([str(BIN_DIR / script), "version"])
+@pytest.mark.parametrize("how", [["version"], ["--version"], ["-version"]])
+def test_both_scripts_print_the_version(script, how):
+    result = run([str(BIN_DIR / script), *how])
     assert result.returncode == 0
-    assert result.stdout.strip() == f"jwt-proxy {__version__}"
+    assert result.stdout == f"jwt-proxy {__version__}\n"
+    assert result.stderr == ""
 
 
 def assert_nothing_listens(port):
@@ -45,9 +47,13 @@ def assert_nothing_listens(port):
         (["--upstream-host", "https://api.example.com"], {}, "--upstream-host", "https://api.example.com"),
         (["--workers=0"], {}, "--workers", "0"),
         (["-log-format", "xml"], {}, "--log-format", "xml"),
-        ([], {"UPSTREAM_TIMEOUT": "soon"}, "--upstream-timeout", "soon"),
-        ([], {"METRICS_ENABLED": "maybe"}, "--metrics-enabled", "maybe"),
-        ([], {"TOKEN_AUDIENCE": "a,,b"}, "--token-audience", "a,,b"),
+        ([], {"UPSTREAM_TIMEOUT": "soon"}, "UPSTREAM_TIMEOUT", "soon"),
+        ([], {"METRICS_ENABLED": "maybe"}, "METRICS_ENABLED", "maybe"),
+        ([], {"TOKEN_AUDIENCE": "a,,b"}, "TOKEN_AUDIENCE", "a,,b"),
+        ([], {"TOKEN_DURATION": "5s"}, "TOKEN_DURATION", "5s"),
+        ([], {"WORKERS": "0"}, "WORKERS", "0"),
+        ([], {"LOG_FORMAT": "xml"}, "LOG_FORMAT", "xml"),
+        (["--token-duration", "5s"], {"TOKEN_DURATION": "1h"}, "--token-duration", "5s"),
     ],
 )
 def test_a_bad_value_exits_before_binding_with_one_line(flags, env, flag, value):
@@ -59,6 +65,39 @@ def test_a_bad_value_exits_before_binding_with_one_line(flags, env, flag, value)
     assert flag in lines[0] and repr(value) in lines[0]
     assert result.stdout == ""
     assert_nothing_listens(port)
+
+
+@pytest.mark.parametrize("variable", ["TOKEN_DURATION", "UPSTREAM_TIMEOUT", "METRICS_LISTEN_ADDR"])
+def test_a_bad_value_from_the_environment_never_names_the_flag(variable):
+    port = free_port()
+    result = run([JWT_PROXY, "--listen-addr", f"127.0.0.1:{port}"], aws_env(**{variable: "5 s"}))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"jwt-proxy: error: invalid value for {variable}: '5 s': "), result.stderr
+    assert "--" + variable.lower().replace("_", "-") not in result.stderr
+    assert_nothing_listens(port)
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["token", "--audience", "a", "--token-duration", "10m"], "jwt-proxy --token-duration 10m token ..."),
+        (["doctor", "--upstream-host=api.example.com"], "jwt-proxy --upstream-host api.example.com doctor ..."),
+        (["token", "--audience", "a", "-token-scope", "read write"], "jwt-proxy --token-scope 'read write' token ..."),
+    ],
+)
+def test_a_proxy_option_after_the_subcommand_says_where_it_goes(args, hint):
+    result = run([JWT_PROXY, *args])
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("jwt-proxy: error: No such option")
+    assert "goes before the subcommand" in lines[0] and hint in lines[0]
+
+
+def test_an_unknown_option_of_a_subcommand_gets_no_such_hint():
+    result = run([JWT_PROXY, "token", "--audience", "a", "--no-such-flag"])
+    assert result.returncode == 2
+    assert "before the subcommand" not in result.stderr
 
 
 def test_an_unknown_flag_is_one_line():

@@ -9,6 +9,7 @@ import queue
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -226,6 +227,12 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+KEPT_ALIVE_REQUESTS = 10
+# Nagle's algorithm with the client's delayed ACK costs 40 ms a request; a demo request
+# takes a few milliseconds, so the median has a wide margin on a loaded machine.
+MEDIAN_REQUEST_LIMIT_S = 0.020
+
+
 @pytest.mark.integration
 def test_demo_end_to_end(tmp_path):
     proxy_port, sts_port, upstream_port, metrics_port = free_ports(4)
@@ -243,22 +250,22 @@ def test_demo_end_to_end(tmp_path):
         "--metrics-listen-addr",
         f"127.0.0.1:{metrics_port}",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LOG_FORMAT", "LOG_LEVEL")}
     env["PYTHONUNBUFFERED"] = "1"
-    stderr_path = tmp_path / "demo.stderr"
+    stdout_path = tmp_path / "demo.stdout"
     lines: queue.Queue[str] = queue.Queue()
-    output: list[str] = []
+    said: list[str] = []
 
-    with stderr_path.open("wb") as stderr:
-        demo = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    with stdout_path.open("wb") as stdout:
+        demo = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True)
 
-    def read_stdout() -> None:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            output.append(line)
+    def read_stderr() -> None:
+        assert demo.stderr is not None
+        for line in demo.stderr:
+            said.append(line)
             lines.put(line)
 
-    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     watched: dict[int, str] = {}
     try:
@@ -271,7 +278,7 @@ def test_demo_end_to_end(tmp_path):
                 continue
             if "curl" in line:
                 curl_line = line
-        assert curl_line is not None, f"no curl line; exit={demo.poll()}\n{''.join(output)}\n{stderr_path.read_text()}"
+        assert curl_line is not None, f"no curl line; exit={demo.poll()}\n{''.join(said)}\n{stdout_path.read_text()}"
         match = re.search(r"curl -s (\S+) -H 'Authorization: Bearer ([^']+)'", curl_line)
         assert match, curl_line
         assert match.group(1) == f"http://127.0.0.1:{proxy_port}/hello"
@@ -287,15 +294,26 @@ def test_demo_end_to_end(tmp_path):
         assert int(seen.split(", ")[1].split()[0]) > 100  # a JWT, not the 14-byte API key
         assert match.group(2) not in response.text
 
+        durations_s = kept_alive_request_durations(match.group(1), match.group(2))
+        assert statistics.median(durations_s) < MEDIAN_REQUEST_LIMIT_S, durations_s
+
         watched = descendants(demo.pid)
         assert watched, "the proxy should be a child process of the demo"
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(DEMO_EXIT_TIMEOUT_S) == 0, stderr_path.read_text()
+        assert demo.wait(DEMO_EXIT_TIMEOUT_S) == 0, "".join(said)
         deadline = time.monotonic() + DESCENDANT_GONE_TIMEOUT_S
         while any(is_running(pid, started) for pid, started in watched.items()) and time.monotonic() < deadline:
             time.sleep(0.05)
         left = [pid for pid, started in watched.items() if is_running(pid, started)]
         assert left == [], f"processes left behind: {left}"
+
+        records = [json.loads(line) for line in stdout_path.read_text().splitlines()]  # every line is JSON
+        loggers = {record["logger"] for record in records}
+        assert {"jwt_proxy.local_sts", "jwt_proxy.echo_upstream", "jwt_proxy.access", "gunicorn.error"} <= loggers
+        echoed = [r for r in records if r["logger"] == "jwt_proxy.echo_upstream" and r["msg"] == "request"]
+        assert len(echoed) == 2 + KEPT_ALIVE_REQUESTS
+        assert {(r["method"], r["path"], r["status"]) for r in echoed} == {("GET", "/hello", 200)}
+        assert match.group(2) not in stdout_path.read_text()
     finally:
         for pid, started in {**descendants(demo.pid), **watched}.items():
             if is_running(pid, started):
@@ -304,5 +322,86 @@ def test_demo_end_to_end(tmp_path):
             demo.kill()
             demo.wait(HTTP_TIMEOUT_S)
         reader.join(HTTP_TIMEOUT_S)
-        if demo.stdout is not None:
-            demo.stdout.close()
+        if demo.stderr is not None:
+            demo.stderr.close()
+
+
+def kept_alive_request_durations(url: str, api_key: str) -> list[float]:
+    """Seconds each of KEPT_ALIVE_REQUESTS sequential requests took on one connection
+    (after one that opens it)."""
+    durations_s = []
+    with requests.Session() as session:
+        session.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30).raise_for_status()
+        for _ in range(KEPT_ALIVE_REQUESTS):
+            started = time.perf_counter()
+            response = session.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+            durations_s.append(time.perf_counter() - started)
+            assert response.status_code == 200
+    return durations_s
+
+
+@pytest.mark.integration
+def test_demo_logs_in_the_chosen_format(tmp_path):
+    """With --log-format text, the local STS and the echo write logfmt lines too."""
+    ports = free_ports(4)
+    sts_port, upstream_port = ports[1], ports[2]
+    command = [
+        sys.executable, "-m", "jwt_proxy", "--log-format", "text", "demo",
+        "--listen-addr", f"127.0.0.1:{ports[0]}",
+        "--sts-listen-addr", f"127.0.0.1:{sts_port}",
+        "--upstream-listen-addr", f"127.0.0.1:{upstream_port}",
+        "--metrics-listen-addr", f"127.0.0.1:{ports[3]}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LOG_FORMAT", "LOG_LEVEL")}
+    stdout_path = tmp_path / "demo.stdout"
+    with stdout_path.open("wb") as stdout:
+        demo = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{sts_port}/.well-known/jwks.json")
+        requests.get(f"http://127.0.0.1:{upstream_port}/direct", timeout=HTTP_TIMEOUT_S)
+        deadline = time.monotonic() + DEMO_BANNER_TIMEOUT_S
+        while "logger=jwt_proxy.echo_upstream" not in stdout_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(DEMO_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait(HTTP_TIMEOUT_S)
+    lines = stdout_path.read_text().splitlines()
+    assert lines and not any(line.startswith("{") for line in lines), lines
+    assert all(line.startswith("time=") for line in lines), lines
+    assert any("logger=jwt_proxy.local_sts" in line and "path=/.well-known/jwks.json" in line for line in lines)
+    assert any("logger=jwt_proxy.echo_upstream" in line and "status=401" in line for line in lines)
+
+
+def wait_for_http(url: str) -> None:
+    deadline = time.monotonic() + DEMO_BANNER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=HTTP_TIMEOUT_S)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing answered at {url}")
+
+
+TEST_ONLY_PACKAGES = ("pytest", "moto", "hypothesis", "websocket", "yaml", "responses", "kubernetes_validate")
+
+
+def test_the_demo_needs_none_of_the_test_extras():
+    """``pip install .`` then ``jwt-proxy demo``: nothing the demo imports is a test extra."""
+    program = f"""
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {TEST_ONLY_PACKAGES!r}:
+            raise ImportError("test extra imported: " + name)
+sys.meta_path.insert(0, Refuse())
+import jwt_proxy.cli, jwt_proxy.devtools.demo, jwt_proxy.devtools.localsts, jwt_proxy.logs
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"

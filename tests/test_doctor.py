@@ -148,6 +148,24 @@ def test_the_audience_comes_from_a_pinned_upstream_or_doctor_audience(sts, args,
     assert sts.stats()["by_audience"] == {audience: 1}
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "source"),
+    [
+        (["doctor", "--offline", "--audience", AUDIENCE], {}, "--audience"),
+        (["--token-audience", "https://other.example.com", "doctor", "--offline", "--audience", AUDIENCE], {}, "--audience"),
+        (["--token-audience", AUDIENCE, "doctor", "--offline"], {}, "--token-audience"),
+        (["doctor", "--offline"], {"TOKEN_AUDIENCE": AUDIENCE}, "TOKEN_AUDIENCE"),
+    ],
+)
+def test_the_token_check_names_where_its_audience_came_from(sts, args, env, source):
+    result = run(args, aws_env(sts.url, **env))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, name, detail = checks(result.stdout)[2]
+    assert (status, name) == ("PASS", "token")
+    assert f"for audience {AUDIENCE} ({source})," in detail, detail
+
+
 def test_a_bad_root_option_is_a_usage_error(sts):
     result = run(["--token-duration", "2h", "doctor"], aws_env(sts.url))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import typing as t
@@ -20,6 +21,7 @@ from jwt_proxy.devtools.localsts import CALLER_ROLE_ARN
 from jwt_proxy.devtools.localsts import CALLER_SESSION_ARN
 from jwt_proxy.devtools.localsts import CLAIMS_NAMESPACE
 from jwt_proxy.devtools.localsts import LocalSTS
+from jwt_proxy.logs import JsonFormatter
 
 HTTP_TIMEOUT_S = 5.0
 
@@ -403,18 +405,25 @@ def test_port_zero_binds_a_real_port_and_shutdown_leaves_no_thread():
         requests.get(f"{lsts.url}/.well-known/jwks.json", timeout=1)
 
 
-def test_one_log_line_per_request_without_the_token(lsts, client, capfd):
+def test_one_log_record_per_request_without_the_token(lsts, client, caplog):
+    caplog.set_level(logging.INFO, logger="jwt_proxy.local_sts")
     token = client.get_web_identity_token(Audience=["a"], SigningAlgorithm="RS256")["WebIdentityToken"]
     deadline = time.monotonic() + 2
-    err = ""
-    while "GetWebIdentityToken" not in err and time.monotonic() < deadline:
-        err += capfd.readouterr().err
+    while not any(getattr(r, "action", "") == "GetWebIdentityToken" for r in caplog.records) and time.monotonic() < deadline:
         time.sleep(0.01)
-    lines = [line for line in err.splitlines() if "GetWebIdentityToken" in line]
-    assert len(lines) == 1
-    assert "POST /" in lines[0] and "status=200" in lines[0]
-    assert token not in err
-    assert token.split(".")[1] not in err
+    records = [r for r in caplog.records if getattr(r, "action", "") == "GetWebIdentityToken"]
+    assert len(records) == 1
+    fields = json.loads(JsonFormatter().format(records[0]))
+    assert {k: fields[k] for k in ("logger", "msg", "method", "path", "status")} == {
+        "logger": "jwt_proxy.local_sts",
+        "msg": "request",
+        "method": "POST",
+        "path": "/",
+        "status": 200,
+    }
+    written = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    assert token not in written
+    assert token.split(".")[1] not in written
 
 
 def test_control_endpoints_answer_json(lsts):

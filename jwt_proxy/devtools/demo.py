@@ -16,6 +16,7 @@ call a real AWS account or be rerouted by the shell it was started from.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -24,12 +25,14 @@ import sys
 import threading
 import time
 import typing as t
+from urllib.parse import urlsplit
 
 import jwt
 from jwt.exceptions import InvalidTokenError
 from jwt.exceptions import PyJWKClientError
 
 from ..config import ConfigError
+from ..config import connect_host
 from ..config import parse_listen_addr
 from .localsts import SIGNING_ALGORITHMS
 from .localsts import DevHTTPServer
@@ -37,7 +40,7 @@ from .localsts import DevRequestHandler
 from .localsts import LocalSTS
 from .localsts import ServerThread
 from .localsts import format_url
-from .localsts import log_line
+from .localsts import log_record
 
 AUDIENCE = "https://demo.jwt-proxy.local"
 DEMO_REGION = "us-east-1"
@@ -56,10 +59,12 @@ JWKS_CACHE_LIFESPAN_S = 300.0
 MAX_CHUNK_LINE_BYTES = 8 * 1024
 DRAIN_READ_BYTES = 64 * 1024
 
+access_log = logging.getLogger("jwt_proxy.echo_upstream")
+
 # The child must see the demo's wiring, not the shell's: these would point boto3 at
 # another account, endpoint or HTTP proxy (AWS_USE_FIPS_ENDPOINT even makes a custom
 # endpoint an error), or override the flags below through their environment variables
-# (SPEC.md section 2). LOG_LEVEL and LOG_FORMAT pass through on purpose.
+# (the flag upper-cased). The log settings are passed as flags, the demo's own.
 CHILD_ENV_DROPPED = (
     "AWS_PROFILE",
     "AWS_DEFAULT_PROFILE",
@@ -198,22 +203,18 @@ class _EchoHandler(DevRequestHandler):
     def _send(
         self, status: int, document: dict[str, t.Any], subject: str, headers: dict[str, str] | None = None
     ) -> None:
-        detail = document.get("error", f"sub={subject}")
-        log_line(
-            "echo-upstream",
-            f'{self.client_address[0]} "{self.command} {self.path}" status={status} {detail}',
+        outcome = {"error": document["error"]} if "error" in document else {"sub": subject}
+        log_record(
+            access_log,
+            "request",
+            client=self.client_address[0],
+            method=self.command,
+            path=urlsplit(self.path).path,
+            status=status,
+            **outcome,
         )
         body = (json.dumps(document, indent=2) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self.write_response(status, body, "application/json", headers)
 
 
 class EchoUpstream:
@@ -286,7 +287,9 @@ class EchoUpstream:
 # -- run_demo ------------------------------------------------------------------------
 
 
-def proxy_command(*, listen_addr: str, upstream_hostport: str, metrics_listen_addr: str) -> list[str]:
+def proxy_command(
+    *, listen_addr: str, upstream_hostport: str, metrics_listen_addr: str, log_level: str = "info", log_format: str = "json"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -305,6 +308,10 @@ def proxy_command(*, listen_addr: str, upstream_hostport: str, metrics_listen_ad
         "1",
         "--threads",
         "8",
+        "--log-level",
+        log_level,
+        "--log-format",
+        log_format,
     ]
 
 
@@ -325,11 +332,6 @@ def proxy_environment(sts_url: str, base: t.Mapping[str, str] | None = None) -> 
         PYTHONUNBUFFERED="1",
     )
     return env
-
-
-def _connect_host(host: str) -> str:
-    """Where to connect to reach a listener bound to ``host`` from this machine."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
 def _hostport(host: str, port: int) -> str:
@@ -427,8 +429,14 @@ def run_demo(
     sts_addr: str = "127.0.0.1:4599",
     upstream_addr: str = "127.0.0.1:8081",
     metrics_listen_addr: str = "127.0.0.1:9090",
+    log_level: str = "info",
+    log_format: str = "json",
 ) -> int:
     """Run local STS, echo upstream and proxy until SIGINT/SIGTERM; 0 on a clean stop.
+
+    The three log records to stdout in ``log_format`` (the caller configures logging in
+    this process; the proxy child gets the flags); what is said to the person running
+    the demo (the banner, start-up failures) goes to stderr.
 
     Returns 2 for a bad address, 1 if something cannot start or the proxy dies. Whatever
     happens, the proxy child is stopped and both servers are shut down before returning.
@@ -459,7 +467,7 @@ def run_demo(
             return 1
         # sts.url is what the local STS writes in ``iss``; sts_url is where to reach it
         # (they differ only when it is bound to a wildcard address).
-        sts_url = format_url(_connect_host(sts_at.host), sts_at.port)
+        sts_url = format_url(connect_host(sts_at.host), sts_at.port)
         try:
             upstream = EchoUpstream(
                 upstream_at.host,
@@ -474,11 +482,13 @@ def run_demo(
         sts.start()
         upstream.start()
 
-        proxy_host = _connect_host(proxy_at.host)
+        proxy_host = connect_host(proxy_at.host)
         command = proxy_command(
             listen_addr=listen_addr,
-            upstream_hostport=_hostport(_connect_host(upstream_at.host), upstream_at.port),
+            upstream_hostport=_hostport(connect_host(upstream_at.host), upstream_at.port),
             metrics_listen_addr=metrics_listen_addr,
+            log_level=log_level,
+            log_format=log_format,
         )
         child = subprocess.Popen(command, env=proxy_environment(sts_url), stdin=subprocess.DEVNULL)
         if not _wait_for_listener(proxy_host, proxy_at.port, child, stop, PROXY_START_TIMEOUT_S):
@@ -497,9 +507,10 @@ def run_demo(
             _banner(
                 proxy_url=format_url(proxy_host, proxy_at.port),
                 sts_url=sts_url,
-                upstream_url=format_url(_connect_host(upstream_at.host), upstream_at.port),
-                metrics_url=format_url(_connect_host(metrics_at.host), metrics_at.port),
+                upstream_url=format_url(connect_host(upstream_at.host), upstream_at.port),
+                metrics_url=format_url(connect_host(metrics_at.host), metrics_at.port),
             ),
+            file=sys.stderr,
             flush=True,
         )
         try:
