@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import os
 import re
+import tempfile
 import typing as t
 import unicodedata
 
@@ -439,12 +440,27 @@ def _parse_token_files(values: Iterable[str]) -> tuple[TokenFile, ...]:
             raise ConfigError("--token-file", item, f"{absolute} is a directory; name a file in it")
         if not os.path.isdir(directory):
             raise ConfigError("--token-file", item, f"directory {directory} does not exist")
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigError("--token-file", item, f"directory {directory} is not writable by this user (uid {os.getuid()})")
+        problem = _cannot_create_in(directory)
+        if problem is not None:
+            raise ConfigError("--token-file", item, f"directory {directory} is not writable by this user: {problem}")
         if any(existing.path == absolute for existing in files):
             raise ConfigError("--token-file", item, "each path at most once")
         files.append(TokenFile(absolute, audience))
     return tuple(files)
+
+
+def _cannot_create_in(directory: str) -> str | None:
+    """Why a file cannot be created in ``directory``, found by creating (and removing) one.
+
+    A real attempt, not ``os.access``: that says yes to root, and on a read-only mount.
+    """
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jwt-proxy-probe-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def _parse_file_mode(flag: str, text: str) -> int:
