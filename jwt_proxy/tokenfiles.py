@@ -35,6 +35,10 @@ COMPACT_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # After a failed refresh the old file stays (it is still valid); retries back off to this.
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0
+# The files are refreshed this long before the token store's own refresh window opens:
+# the keeper's fetch is then the refresh. Inside the window, the store's lookup would
+# start a background refresh of its own, and the keeper's fetch would be a second call.
+REFRESH_LEAD_S = 1.0
 
 
 def write_token_file(path: str, value: str, mode: int) -> None:
@@ -65,23 +69,24 @@ def write_token_file(path: str, value: str, mode: int) -> None:
 
 
 def refresh_point(token: Token, obtained_at: float, refresh_skew_s: float) -> float:
-    """When a file holding ``token`` is rewritten: as it enters the refresh window.
+    """When a file holding ``token`` is rewritten: just before it enters the refresh window.
 
     The window is ``refresh_skew_s`` before expiry, or half the token's lifetime when the
     token is shorter than twice that (local-sts's short tokens, a fitted duration), so a
     reader is left at least half the window, and a short token is not refetched at once.
     """
     lifetime_s = token.expires_at - obtained_at
-    return token.expires_at - min(refresh_skew_s, lifetime_s / 2)
+    window_s = min(refresh_skew_s, lifetime_s / 2)
+    return max(obtained_at, token.expires_at - window_s - min(REFRESH_LEAD_S, window_s / 2))
 
 
 class TokenFileKeeper:
     """Keeps every file of one audience holding a token that is not in its refresh window.
 
-    :meth:`run` loops until ``stop`` is set: take the store's token (or force a fetch when
-    the store has nothing newer than what the files hold), write each file, sleep until
-    the token enters its refresh window. A failure (STS, or a write) leaves the files as
-    they are and is retried with backoff.
+    :meth:`run` loops until ``stop`` is set: take the store's token (the first time) or
+    force a fetch (after that), write each file, sleep until just before the token
+    enters its refresh window. A failure (STS, or a write) leaves the files as they are
+    and is retried with backoff.
 
     :param tokens: the process's token store; the files' audience is one set in it.
     :param on_written: called once, after the first time every file was written.
@@ -134,15 +139,15 @@ class TokenFileKeeper:
             stop.wait(max(0.0, refresh_point(token, obtained_at, self._refresh_skew_s) - self._clock()))
 
     def _next_token(self) -> Token:
-        """The store's token if it is newer than the files', else a freshly fetched one."""
-        token = self._tokens.get(self._key)
-        if self._written is not None and token.expires_at <= self._written.expires_at:
-            # The files already hold this one and it is in its window: fetch now. A
-            # refresh already running for the set (started by an endpoint request) is
-            # shared, not repeated.
+        """The first time, the store's token; after that, a freshly fetched one.
+
+        The keeper wakes just before the store's refresh window, so nothing else has
+        refreshed the set yet and the forced fetch is the refresh (a fetch already
+        running for the set is shared, not repeated).
+        """
+        if self._written is not None:
             self._tokens.prewarm(self._key)
-            token = self._tokens.get(self._key)
-        return token
+        return self._tokens.get(self._key)
 
     def _log_failure(self, exc: Exception, retry_s: float) -> None:
         fields: dict[str, t.Any] = {"audience": self.audience, "paths": list(self.paths), "retry_in_s": retry_s}
