@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import typing as t
@@ -286,7 +288,10 @@ class EchoUpstream:
 # -- run_demo ------------------------------------------------------------------------
 
 
-def proxy_command(*, listen_addr: str, upstream_hostport: str, metrics_listen_addr: str) -> list[str]:
+def proxy_command(
+    *, listen_addr: str, upstream_hostport: str, metrics_listen_addr: str, token_file: str | None = None
+) -> list[str]:
+    token_file_flags = ["--token-file", f"{token_file}={AUDIENCE}"] if token_file else []
     return [
         sys.executable,
         "-m",
@@ -305,6 +310,7 @@ def proxy_command(*, listen_addr: str, upstream_hostport: str, metrics_listen_ad
         "1",
         "--threads",
         "8",
+        *token_file_flags,
     ]
 
 
@@ -400,13 +406,14 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
         _say(f"jwt-proxy (pid {child.pid}) is still running after SIGKILL")
 
 
-def _banner(*, proxy_url: str, sts_url: str, upstream_url: str, metrics_url: str) -> str:
+def _banner(*, proxy_url: str, sts_url: str, upstream_url: str, metrics_url: str, token_file: str) -> str:
     return f"""
 jwt-proxy demo: all running on this machine, no AWS account involved.
 
   local STS      {sts_url}  (issuer; keys at {sts_url}/.well-known/jwks.json)
   echo upstream  {upstream_url}  (accepts only JWTs from the local STS for {AUDIENCE})
   jwt-proxy      {proxy_url}  -> echo upstream   (metrics: {metrics_url}/metrics)
+  token file     {token_file}  (a fresh JWT for {AUDIENCE}, rewritten before it expires)
 
 Try:
 
@@ -416,6 +423,9 @@ The echo upstream answers with the JWT claims it verified ("verified_claims": is
 sub, exp), and "headers_received" shows "Authorization": "Bearer <redacted, N bytes>":
 the proxy replaced {CLIENT_API_KEY} with a short-lived JWT before it left this machine.
 Without the proxy ({upstream_url}/hello) the same request gets 401.
+
+SDKs that read their token themselves (Google Cloud, Azure, AWS web identity) are
+pointed at a file like {token_file} (see the README, "Tokens for SDKs").
 
 Press Ctrl-C to stop.
 """
@@ -438,6 +448,7 @@ def run_demo(
     sts: LocalSTS | None = None
     upstream: EchoUpstream | None = None
     child: subprocess.Popen[bytes] | None = None
+    token_dir: str | None = None
     try:
         try:
             proxy_at = parse_listen_addr("--listen-addr", listen_addr)
@@ -475,10 +486,13 @@ def run_demo(
         upstream.start()
 
         proxy_host = _connect_host(proxy_at.host)
+        token_dir = tempfile.mkdtemp(prefix="jwt-proxy-demo-")
+        token_file = os.path.join(token_dir, "token")
         command = proxy_command(
             listen_addr=listen_addr,
             upstream_hostport=_hostport(_connect_host(upstream_at.host), upstream_at.port),
             metrics_listen_addr=metrics_listen_addr,
+            token_file=token_file,
         )
         child = subprocess.Popen(command, env=proxy_environment(sts_url), stdin=subprocess.DEVNULL)
         if not _wait_for_listener(proxy_host, proxy_at.port, child, stop, PROXY_START_TIMEOUT_S):
@@ -499,6 +513,7 @@ def run_demo(
                 sts_url=sts_url,
                 upstream_url=format_url(_connect_host(upstream_at.host), upstream_at.port),
                 metrics_url=format_url(_connect_host(metrics_at.host), metrics_at.port),
+                token_file=token_file,
             ),
             flush=True,
         )
@@ -514,6 +529,8 @@ def run_demo(
     finally:
         if child is not None:
             _stop_child(child)
+        if token_dir is not None:  # the demo's own directory: nothing else reads it
+            shutil.rmtree(token_dir, ignore_errors=True)
         if upstream is not None:
             upstream.shutdown()
         if sts is not None:

@@ -28,6 +28,7 @@ from jwt_proxy.demo import CLIENT_API_KEY
 from jwt_proxy.demo import EchoUpstream
 from jwt_proxy.demo import proxy_environment
 from jwt_proxy.localsts import LocalSTS
+from tests.sdk_helpers import wait_for_file
 
 HTTP_TIMEOUT_S = 5.0
 DEMO_BANNER_TIMEOUT_S = 60.0
@@ -286,6 +287,14 @@ def test_demo_end_to_end(tmp_path):
         assert re.fullmatch(r"Bearer <redacted, \d+ bytes>", seen)
         assert int(seen.split(", ")[1].split()[0]) > 100  # a JWT, not the 14-byte API key
         assert match.group(2) not in response.text
+
+        # The demo keeps a token file too, and says where.
+        token_line = next(line for line in output if line.strip().startswith("token file"))
+        token_path = token_line.split()[2]
+        token = wait_for_file(token_path)
+        keys = jwt.PyJWKClient(f"http://127.0.0.1:{sts_port}/.well-known/jwks.json")
+        claims = jwt.decode(token, keys.get_signing_key_from_jwt(token).key, algorithms=["RS256"], audience=AUDIENCE)
+        assert claims["iss"] == f"http://127.0.0.1:{sts_port}"
 
         watched = descendants(demo.pid)
         assert watched, "the proxy should be a child process of the demo"
