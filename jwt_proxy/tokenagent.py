@@ -115,6 +115,14 @@ class TokenAgent:
             self._endpoint.start()
         if not self._paths_by_audience and self._on_ready is not None:
             self._on_ready()
+        log.info(
+            "token agent started",
+            extra={
+                "pid": os.getpid(),
+                "token_files": [token_file.path for token_file in self._config.token_files],
+                "token_endpoint": self._config.token_listen.bind if self._config.token_listen else None,
+            },
+        )
 
     def stop(self) -> None:
         """Stop refreshing and serving; the files stay (a reader may still need them)."""
@@ -337,7 +345,6 @@ class StandaloneAgent:
         self._agent.start()
         if self._listener is not None:
             self._listener.start()
-        log.info("token agent started", extra={"pid": os.getpid()})
 
     def stop(self) -> None:
         self._agent.stop()

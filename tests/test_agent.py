@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import urllib.parse
 
@@ -110,3 +111,39 @@ def test_agent_stops_with_one_line_when_the_endpoint_port_is_taken(sts, tmp_path
     assert result.stderr.strip().splitlines() == [
         f"jwt-proxy: error: --token-listen-addr 127.0.0.1:{port}: cannot listen there: Address already in use"
     ]
+
+
+def test_proxy_readyz_says_so_when_the_token_agent_has_exited(start_proxy, sts, tmp_path):
+    path = tmp_path / "token"
+    proxy = start_proxy("--token-file", f"{path}={AZURE_AUDIENCE}")
+    readyz = f"http://127.0.0.1:{proxy.metrics_port}/readyz"
+    wait_for_status(readyz, 200)
+    agent_pid = proxy.wait_for_record(lambda r: r.get("msg") == "token agent started")["pid"]
+    assert agent_pid != proxy.pid
+    os.kill(agent_pid, signal.SIGKILL)
+    wait_for_status(readyz, 503)
+    reason = requests.get(readyz, timeout=HTTP_TIMEOUT_S).text
+    assert reason == f"the token agent (pid {agent_pid}) has exited: token files are not refreshed (see the error log)\n"
+
+
+def test_proxy_stops_with_one_line_before_binding_when_the_endpoint_port_is_taken(sts):
+    import socket
+
+    from tests.conftest import free_port
+    from tests.test_token_files import run
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        token_port = taken.getsockname()[1]
+        result = run(
+            [JWT_PROXY, "--listen-addr", f"127.0.0.1:{port}", "--metrics-listen-addr", f"127.0.0.1:{free_port()}",
+             "--token-listen-addr", f"127.0.0.1:{token_port}", "--token-endpoint-audience", "a"],
+            env=aws_env(sts.url),
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"jwt-proxy: error: --token-listen-addr 127.0.0.1:{token_port}: cannot listen there: Address already in use"
+    ]
+    assert not listening(port)
