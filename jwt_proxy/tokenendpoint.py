@@ -162,12 +162,16 @@ def bind_endpoint_socket(address: ListenAddress) -> socket.socket:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No werkzeug access lines (the app logs its own record), and a bound on silent clients."""
+    """No werkzeug access lines (the app logs its own record), a bound on silent clients,
+    and no server or Python version in the ``Server`` header."""
 
     timeout = IO_TIMEOUT_S
 
     def log_request(self, *args: t.Any, **kwargs: t.Any) -> None:
         pass
+
+    def version_string(self) -> str:
+        return "jwt-proxy"
 
 
 class EndpointServer:

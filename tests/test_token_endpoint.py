@@ -50,6 +50,8 @@ def test_a_listed_audience_gets_a_verified_token_with_its_expiry(endpoint, sts):
     response = requests.get(token_url(base, GOOGLE_AUDIENCE), headers=GUARD, timeout=HTTP_TIMEOUT_S)
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Server"] == "jwt-proxy"
     body = response.json()
     assert sorted(body) == ["expires_at", "expires_in", "token"]
     claims = verified_claims(body["token"], sts.url, GOOGLE_AUDIENCE)

@@ -160,3 +160,19 @@ def test_an_unwritable_directory_stops_the_start_with_one_line(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "--token-file" in lines[0] and f"directory {directory} is not writable" in lines[0]
     assert not listening(port)
+
+
+def test_plain_gunicorn_keeps_the_token_files_too(start_proxy, sts, tmp_path):
+    from tests.conftest import BIN_DIR
+    from tests.conftest import REPO
+
+    path = tmp_path / "token"
+    proxy = start_proxy(
+        command=[str(BIN_DIR / "gunicorn"), "-c", str(REPO / "conf" / "gunicorn.conf.py")],
+        env={"TOKEN_FILE": f"{path}={AZURE_AUDIENCE}", "TOKEN_FILE_MODE": "0644"},
+    )
+    token = wait_for_file(str(path), process=proxy)
+    assert verified_claims(token, sts.url, AZURE_AUDIENCE)["aud"] == AZURE_AUDIENCE
+    assert file_mode(str(path)) == 0o644
+    assert proxy.stop() == 0
+    assert path.read_text() == token
