@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.error
 import typing as t
 import urllib.request
 
