@@ -176,15 +176,19 @@ class _ForkedAgent:
         if pid == 0:
             _run_forked(config, endpoint_socket, self._ready, close_in_child, master_pid)
         self.pid = pid
+        self._exited = False
         if endpoint_socket is not None:
             endpoint_socket.close()  # the agent serves it; workers must not inherit it
 
     def exited(self) -> bool:
-        try:
-            done, _ = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:  # gunicorn's reaper collected it first
-            return True
-        return done == self.pid
+        """Whether the agent has exited; once seen, remembered (its pid may be reused)."""
+        if not self._exited:
+            try:
+                done, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # gunicorn's reaper collected it first
+                done = self.pid
+            self._exited = done == self.pid
+        return self._exited
 
     def problem(self) -> str | None:
         if self.exited():
