@@ -82,6 +82,10 @@ OPTIONS = (
     Option("workers", "2", "gunicorn worker processes."),
     Option("threads", "32", "Threads per worker: concurrent requests per worker."),
     Option("graceful-timeout", "30s", "How long SIGTERM waits for in-flight requests."),
+    Option("token-file", "", "PATH=AUDIENCE: keep a fresh JWT for AUDIENCE in the file PATH (for SDKs that read one).", repeatable=True),
+    Option("token-file-mode", "0600", "Octal file mode of the token files."),
+    Option("token-listen-addr", "", "host:port of the token endpoint (GET /token?audience=AUD); empty: off."),
+    Option("token-endpoint-audience", "", "The only audiences the token endpoint mints; required with --token-listen-addr.", repeatable=True),
 )
 
 
@@ -278,6 +282,45 @@ def _configure_logging(ctx: click.Context) -> Config:
         raise usage_error(ctx.parent, exc) from None
     configure(config.log_level, config.log_format)
     return config
+
+
+@root.command("agent")
+@click.pass_context
+def agent_command(ctx: click.Context) -> None:
+    """Keep token files fresh and serve the token endpoint, without the proxy listener.
+
+    For workloads whose SDKs read an OIDC token themselves (Google Cloud, Azure, AWS in
+    another account). Takes the proxy's options, before the subcommand:
+
+    \b
+        jwt-proxy --token-file /run/jwt/azure=api://AzureADTokenExchange agent
+
+    Serves /metrics, /healthz and /readyz (ready once every token file is written) on
+    --metrics-listen-addr. SIGTERM or SIGINT stops it (exit 0); the files stay.
+    """
+    config = build_config(ctx.parent)
+    if not config.serves_sdk_tokens:
+        raise click.UsageError("agent needs --token-file or --token-listen-addr: it has nothing else to do")
+    from . import server
+
+    if config.metrics_enabled:
+        server.use_private_multiproc_dir()
+    try:
+        from .tokenagent import AgentStartError
+        from .tokenagent import StandaloneAgent
+
+        try:
+            agent = StandaloneAgent(config)
+        except AgentStartError as exc:
+            click.echo(f"{PROG}: error: {exc}", err=True)
+            ctx.exit(1)
+        agent.start()
+        try:
+            _wait_for_stop_signal()
+        finally:
+            agent.stop()
+    finally:
+        server.remove_private_multiproc_dir()
 
 
 @root.command("local-sts")

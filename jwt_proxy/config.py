@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import os
 import re
+import tempfile
 import typing as t
 import unicodedata
 
@@ -47,6 +48,9 @@ SUBJECT_MODES = ("AWSIdentity", "OriginIdentity")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("json", "text")
 UPSTREAM_SCHEMES = ("http", "https")
+# Token files: readable by their owner only unless the operator says otherwise.
+DEFAULT_TOKEN_FILE_MODE = 0o600
+TOKEN_FILE_MODE_PATTERN = re.compile(r"(?:0o?)?([0-7]{1,3})")
 
 _DURATION_UNITS_S = {
     "ns": 1e-9,
@@ -160,6 +164,14 @@ def parse_listen_addr(flag: str, text: str) -> ListenAddress:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenFile:
+    """A file kept holding a fresh JWT for one audience (``--token-file PATH=AUDIENCE``)."""
+
+    path: str
+    audience: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything the proxy was told, typed and validated.
 
@@ -192,6 +204,15 @@ class Config:
     threads: int
     graceful_timeout_s: float
     region: str | None = None
+    token_files: tuple[TokenFile, ...] = ()
+    token_file_mode: int = DEFAULT_TOKEN_FILE_MODE
+    token_listen: ListenAddress | None = None
+    token_endpoint_audiences: tuple[str, ...] = ()
+
+    @property
+    def serves_sdk_tokens(self) -> bool:
+        """Token files or the token endpoint are configured (the token agent runs)."""
+        return bool(self.token_files) or self.token_listen is not None
 
     @property
     def pinned(self) -> bool:
@@ -253,6 +274,10 @@ class Config:
         workers: str = "2",
         threads: str = "32",
         graceful_timeout: str = "30s",
+        token_file: Iterable[str] = (),
+        token_file_mode: str = "0600",
+        token_listen_addr: str = "",
+        token_endpoint_audience: Iterable[str] = (),
         region: str | None = None,
     ) -> Config:
         """Parse raw option strings (flag or environment) into a validated Config.
@@ -265,6 +290,14 @@ class Config:
             raise ConfigError(
                 "--metrics-listen-addr", metrics_listen_addr, "must differ from --listen-addr"
             )
+
+        token_listen = None
+        if token_listen_addr:
+            token_listen = parse_listen_addr("--token-listen-addr", token_listen_addr)
+            for other_flag, other in (("--listen-addr", listen), ("--metrics-listen-addr", metrics_listen)):
+                if _same_listener(token_listen, other):
+                    raise ConfigError("--token-listen-addr", token_listen_addr, f"must differ from {other_flag}")
+        endpoint_audiences = _parse_endpoint_audiences(token_endpoint_audience, token_listen is not None)
 
         upstream = None
         if upstream_host:
@@ -375,7 +408,91 @@ class Config:
             threads=_at_least_one("--threads", threads),
             graceful_timeout_s=_positive_duration("--graceful-timeout", graceful_timeout),
             region=region,
+            token_files=_parse_token_files(token_file),
+            token_file_mode=_parse_file_mode("--token-file-mode", token_file_mode),
+            token_listen=token_listen,
+            token_endpoint_audiences=endpoint_audiences,
         )
+
+
+def _same_listener(a: ListenAddress, b: ListenAddress) -> bool:
+    """Two listen addresses would collide: equal, or one port on all interfaces."""
+    wildcards = ("0.0.0.0", "::")
+    return a.port == b.port and (a.host == b.host or a.host in wildcards or b.host in wildcards)
+
+
+def _audience_problem(audience: str) -> str | None:
+    """Why one audience cannot be sent to STS, or None."""
+    if not audience or any(c.isspace() for c in audience):
+        return "audiences must be non-empty, with no spaces"
+    if len(audience) > MAX_AUDIENCE_CHARS:
+        return f"at most {MAX_AUDIENCE_CHARS} characters each"
+    return None
+
+
+def _parse_token_files(values: Iterable[str]) -> tuple[TokenFile, ...]:
+    """``PATH=AUDIENCE`` items, split at the first ``=``; each directory exists and is writable.
+
+    Checked here so that a mistyped directory stops the start, before anything binds,
+    rather than leaving an SDK without its token.
+    """
+    files: list[TokenFile] = []
+    for item in split_list(values):
+        path, sep, audience = item.partition("=")
+        if not sep or not path:
+            raise ConfigError("--token-file", item, "use PATH=AUDIENCE")
+        problem = _audience_problem(audience)
+        if problem is not None:
+            raise ConfigError("--token-file", item, problem)
+        absolute = os.path.abspath(path)
+        directory = os.path.dirname(absolute)
+        if os.path.isdir(absolute):
+            raise ConfigError("--token-file", item, f"{absolute} is a directory; name a file in it")
+        if not os.path.isdir(directory):
+            raise ConfigError("--token-file", item, f"directory {directory} does not exist")
+        problem = _cannot_create_in(directory)
+        if problem is not None:
+            raise ConfigError("--token-file", item, f"directory {directory} is not writable by this user: {problem}")
+        if any(existing.path == absolute for existing in files):
+            raise ConfigError("--token-file", item, "each path at most once")
+        files.append(TokenFile(absolute, audience))
+    return tuple(files)
+
+
+def _cannot_create_in(directory: str) -> str | None:
+    """Why a file cannot be created in ``directory``, found by creating (and removing) one.
+
+    A real attempt, not ``os.access``: that says yes to root, and on a read-only mount.
+    """
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jwt-proxy-probe-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _parse_file_mode(flag: str, text: str) -> int:
+    match = TOKEN_FILE_MODE_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(flag, text, "an octal file mode such as 0600, 0640 or 0644")
+    return int(match.group(1), 8)
+
+
+def _parse_endpoint_audiences(values: Iterable[str], listening: bool) -> tuple[str, ...]:
+    audiences = split_list(values)
+    if not listening:
+        if audiences:
+            raise ConfigError("--token-endpoint-audience", ",".join(audiences), "only used with --token-listen-addr; set that too")
+        return ()
+    if not audiences:
+        raise ConfigError("--token-endpoint-audience", "", "required with --token-listen-addr: the audiences the endpoint may mint")
+    for audience in audiences:
+        problem = _audience_problem(audience)
+        if problem is not None:
+            raise ConfigError("--token-endpoint-audience", ",".join(audiences), problem)
+    return tuple(sorted(set(audiences)))
 
 
 def _check_pinned(text: str, upstream: Authority, scheme: str, allowlist: Allowlist) -> None:

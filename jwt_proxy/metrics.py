@@ -155,6 +155,8 @@ class WorkerMetrics:
     :param clock: epoch seconds, for telling expired tokens from cached ones.
     :param recount_every_s: how often an idle worker re-counts its unexpired tokens;
         ``None`` never (tests).
+    :param counts_as_worker: false for the token agent process, which records token
+        metrics but is not a gunicorn worker (``jwt_proxy_workers`` stays as it is).
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class WorkerMetrics:
         *,
         clock: t.Callable[[], float] = time.time,
         recount_every_s: float | None = CACHED_AUDIENCES_RECOUNT_S,
+        counts_as_worker: bool = True,
     ) -> None:
         self._clock = clock
         self._recount_every_s = recount_every_s
@@ -231,7 +234,7 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
             registry=None,
         )
-        self.workers.set(1)
+        self.workers.set(1 if counts_as_worker else 0)
         self.ready.set(0)
         self.cached_audiences.set(0)
         self._server_children: dict[tuple[str, str], t.Any] = {}

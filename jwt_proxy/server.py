@@ -119,6 +119,12 @@ def readiness(config: Config, arbiter: Arbiter) -> str | None:
 
     if _shutting_down.is_set():
         return "shutting down: finishing in-flight requests"
+    if config.serves_sdk_tokens:
+        from .tokenagent import forked_agent_problem
+
+        problem = forked_agent_problem()
+        if problem is not None:
+            return problem
     expected = arbiter.num_workers
     ready = metrics.ready_workers()
     if ready >= expected:
@@ -257,9 +263,18 @@ def gunicorn_options(config: Config) -> dict[str, t.Any]:
         options["certfile"] = config.tls_cert
         options["keyfile"] = config.tls_key
     hooks = metrics_hooks(config) if config.metrics_enabled else {}
+    if config.serves_sdk_tokens:  # token files / token endpoint: one agent process for the tree
+        from .tokenagent import add_agent_hooks
+
+        hooks = add_agent_hooks(config, hooks, close_in_child=_close_metrics_socket)
     options.update(hooks)
     options["on_starting"] = _check_listen_address_first(config, hooks.get("on_starting"))
     return options
+
+
+def _close_metrics_socket() -> None:
+    if _listener is not None:
+        _listener.close_in_child()
 
 
 def _check_listen_address_first(

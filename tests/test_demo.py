@@ -29,6 +29,7 @@ from jwt_proxy.devtools.demo import CLIENT_API_KEY
 from jwt_proxy.devtools.demo import EchoUpstream
 from jwt_proxy.devtools.demo import proxy_environment
 from jwt_proxy.devtools.localsts import LocalSTS
+from tests.sdk_helpers import wait_for_file
 
 HTTP_TIMEOUT_S = 5.0
 DEMO_BANNER_TIMEOUT_S = 60.0
@@ -296,6 +297,14 @@ def test_demo_end_to_end(tmp_path):
 
         durations_s = kept_alive_request_durations(match.group(1), match.group(2))
         assert statistics.median(durations_s) < MEDIAN_REQUEST_LIMIT_S, durations_s
+
+        # The demo keeps a token file too, and says where.
+        token_line = next(line for line in said if line.strip().startswith("token file"))
+        token_path = token_line.split()[2]
+        token = wait_for_file(token_path)
+        keys = jwt.PyJWKClient(f"http://127.0.0.1:{sts_port}/.well-known/jwks.json")
+        claims = jwt.decode(token, keys.get_signing_key_from_jwt(token).key, algorithms=["RS256"], audience=AUDIENCE)
+        assert claims["iss"] == f"http://127.0.0.1:{sts_port}"
 
         watched = descendants(demo.pid)
         assert watched, "the proxy should be a child process of the demo"

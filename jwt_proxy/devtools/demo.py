@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import typing as t
@@ -288,8 +290,15 @@ class EchoUpstream:
 
 
 def proxy_command(
-    *, listen_addr: str, upstream_hostport: str, metrics_listen_addr: str, log_level: str = "info", log_format: str = "json"
+    *,
+    listen_addr: str,
+    upstream_hostport: str,
+    metrics_listen_addr: str,
+    log_level: str = "info",
+    log_format: str = "json",
+    token_file: str | None = None,
 ) -> list[str]:
+    token_file_flags = ["--token-file", f"{token_file}={AUDIENCE}"] if token_file else []
     return [
         sys.executable,
         "-m",
@@ -312,6 +321,7 @@ def proxy_command(
         log_level,
         "--log-format",
         log_format,
+        *token_file_flags,
     ]
 
 
@@ -402,13 +412,14 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
         _say(f"jwt-proxy (pid {child.pid}) is still running after SIGKILL")
 
 
-def _banner(*, proxy_url: str, sts_url: str, upstream_url: str, metrics_url: str) -> str:
+def _banner(*, proxy_url: str, sts_url: str, upstream_url: str, metrics_url: str, token_file: str) -> str:
     return f"""
 jwt-proxy demo: all running on this machine, no AWS account involved.
 
   local STS      {sts_url}  (issuer; keys at {sts_url}/.well-known/jwks.json)
   echo upstream  {upstream_url}  (accepts only JWTs from the local STS for {AUDIENCE})
   jwt-proxy      {proxy_url}  -> echo upstream   (metrics: {metrics_url}/metrics)
+  token file     {token_file}  (a fresh JWT for {AUDIENCE}, rewritten before it expires)
 
 Try:
 
@@ -418,6 +429,9 @@ The echo upstream answers with the JWT claims it verified ("verified_claims": is
 sub, exp), and "headers_received" shows "Authorization": "Bearer <redacted, N bytes>":
 the proxy replaced {CLIENT_API_KEY} with a short-lived JWT before it left this machine.
 Without the proxy ({upstream_url}/hello) the same request gets 401.
+
+SDKs that read their token themselves (Google Cloud, Azure, AWS web identity) are
+pointed at a file like {token_file} (see the README, "Tokens for SDKs").
 
 Press Ctrl-C to stop.
 """
@@ -446,6 +460,7 @@ def run_demo(
     sts: LocalSTS | None = None
     upstream: EchoUpstream | None = None
     child: subprocess.Popen[bytes] | None = None
+    token_dir: str | None = None
     try:
         try:
             proxy_at = parse_listen_addr("--listen-addr", listen_addr)
@@ -483,12 +498,15 @@ def run_demo(
         upstream.start()
 
         proxy_host = connect_host(proxy_at.host)
+        token_dir = tempfile.mkdtemp(prefix="jwt-proxy-demo-")
+        token_file = os.path.join(token_dir, "token")
         command = proxy_command(
             listen_addr=listen_addr,
             upstream_hostport=_hostport(connect_host(upstream_at.host), upstream_at.port),
             metrics_listen_addr=metrics_listen_addr,
             log_level=log_level,
             log_format=log_format,
+            token_file=token_file,
         )
         child = subprocess.Popen(command, env=proxy_environment(sts_url), stdin=subprocess.DEVNULL)
         if not _wait_for_listener(proxy_host, proxy_at.port, child, stop, PROXY_START_TIMEOUT_S):
@@ -509,6 +527,7 @@ def run_demo(
                 sts_url=sts_url,
                 upstream_url=format_url(connect_host(upstream_at.host), upstream_at.port),
                 metrics_url=format_url(connect_host(metrics_at.host), metrics_at.port),
+                token_file=token_file,
             ),
             file=sys.stderr,
             flush=True,
@@ -525,6 +544,8 @@ def run_demo(
     finally:
         if child is not None:
             _stop_child(child)
+        if token_dir is not None:  # the demo's own directory: nothing else reads it
+            shutil.rmtree(token_dir, ignore_errors=True)
         if upstream is not None:
             upstream.shutdown()
         if sts is not None:
