@@ -12,6 +12,7 @@ does, so the Go proxy's command lines work unchanged.
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import threading
 import typing as t
@@ -79,7 +80,10 @@ OPTIONS = (
     Option("workers", "2", "gunicorn worker processes."),
     Option("threads", "32", "Threads per worker: concurrent requests per worker."),
     Option("graceful-timeout", "30s", "How long SIGTERM waits for in-flight requests."),
+    Option("token-cache-size", "256", "The most audience sets one worker keeps tokens for; least recently used dropped first."),
 )
+_ENVVARS = {f"--{option.name}": option.envvar for option in OPTIONS}
+_FLAG_IN_TEXT = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
 
 
 def _add_options(command: t.Callable) -> t.Callable:
@@ -106,17 +110,46 @@ def _add_options(command: t.Callable) -> t.Callable:
     return command
 
 
-def build_config(params: dict[str, t.Any]) -> Config:
+def _named_by_source(message: str, ctx: click.Context | None) -> str:
+    """``message`` with each flag whose value came from the environment named by its variable.
+
+    The operator then knows where to make the change: ``TOKEN_DURATION`` in an
+    environment file, not a ``--token-duration`` they never typed.
+    """
+    if ctx is None:
+        return message
+
+    def name(match: re.Match[str]) -> str:
+        flag = match.group(0)
+        envvar = _ENVVARS.get(flag)
+        if envvar is None:
+            return flag
+        if ctx.get_parameter_source(flag[2:].replace("-", "_")) is click.core.ParameterSource.ENVIRONMENT:
+            return envvar
+        return flag
+
+    return _FLAG_IN_TEXT.sub(name, message)
+
+
+def _config_from(params: dict[str, t.Any], ctx: click.Context | None) -> Config:
+    """:meth:`Config.from_options`, a bad value becoming one line in the user's terms."""
+    try:
+        return Config.from_options(**params)
+    except ConfigError as exc:
+        raise click.UsageError(_named_by_source(str(exc), ctx)) from None
+
+
+def build_config(params: dict[str, t.Any], ctx: click.Context | None = None) -> Config:
     """A validated Config from the root command's raw parameters and the AWS region.
 
-    :raises click.UsageError: one line naming the bad flag, or saying to set AWS_REGION.
+    ``ctx`` (the root command's context) tells which values came from the environment.
+
+    :raises click.UsageError: one line naming the bad flag (or variable), or saying to set
+        AWS_REGION.
     """
     from .sts import resolve_region
 
-    try:
-        config = Config.from_options(**params)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    config = _config_from(params, ctx)
     try:
         region = resolve_region()
     except ValueError as exc:  # AWS_PROFILE names a profile that does not exist
@@ -129,7 +162,7 @@ def build_config(params: dict[str, t.Any]) -> Config:
 def config_from_environment() -> Config:
     """The Config that ``jwt-proxy`` with no flags would build: for ``conf/gunicorn.conf.py``."""
     context = root.make_context(PROG, [], resilient_parsing=False)
-    return build_config(context.params)
+    return build_config(context.params, context)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -143,7 +176,7 @@ def root(ctx: click.Context, **params: t.Any) -> None:
     ctx.obj = params
     if ctx.invoked_subcommand is not None:
         return
-    config = build_config(params)
+    config = build_config(params, ctx)
     # Imports gunicorn, not prometheus_client: the multiprocess directory must be settled
     # before anything imports that (its mode is chosen at import).
     from . import server
@@ -288,7 +321,7 @@ def token_command(ctx: click.Context, audience: tuple[str, ...], decode: bool) -
     except ConfigError as exc:
         raise click.UsageError(str(ConfigError("--audience", exc.value, exc.allowed))) from None
     # --token-scope is checked against the audiences this token is for.
-    config = build_config({**ctx.parent.params, "token_audience": audience})
+    config = build_config({**ctx.parent.params, "token_audience": audience}, ctx.parent)
     try:
         client = make_sts_client(config.region, timeout_s=config.upstream_timeout_s)
     except Exception as exc:  # e.g. botocore's InvalidRegionError
@@ -345,10 +378,7 @@ def doctor_command(ctx: click.Context, offline: bool, audience: tuple[str, ...])
         params["token_audience"] = audience
     # build_config's validation without its region lookup: a missing region is the
     # first check's FAIL here, not a usage error.
-    try:
-        config = Config.from_options(**params)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    config = _config_from(params, ctx.parent)
     failed = False
     for check in run_checks(config, offline=offline):
         for line in check.lines():
