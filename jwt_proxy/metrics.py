@@ -28,8 +28,9 @@ How each gauge adds up over the workers (prometheus_client's multiprocess modes;
 =================================== =========== ========================================
 
 Label values that clients choose are bounded as well: the first ``--token-cache-size``
-distinct ``audience`` values get their own series, and as many ``server_address`` (with
-``server_port``) values; later ones are all counted under ``_other``. The workers share
+distinct ``audience`` values (at most :data:`MAX_LABEL_LIMIT`) get their own series, and
+as many ``server_address`` (with ``server_port``) values; later ones are all counted
+under ``_other``. The workers share
 the admitted values through a small file in the multiprocess directory, so the bound
 holds for the whole process tree, and neither the files nor a scrape grow with the
 number of hosts clients name. A dropped audience set's expiry gauge is set to 0, which
@@ -109,6 +110,10 @@ TOKEN_FETCH_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The label value that stands for every value past the bound.
 OTHER_LABEL = "_other"
 DEFAULT_LABEL_LIMIT = 256
+# Whatever --token-cache-size is, no more values than this per label: a server_address
+# costs a whole histogram (17 lines per error_type and token_result), and at 100 of
+# them with their audiences /metrics stays well under 1 MB.
+MAX_LABEL_LIMIT = 100
 EXPIRY = "token_expiry_timestamp_seconds"
 # An expiry gauge at this value means "not held": the scrape leaves it out.
 NOT_HELD = 0.0
@@ -265,10 +270,12 @@ class WorkerMetrics:
         self._recounter: threading.Thread | None = None
 
     def set_label_limit(self, limit: int) -> None:
-        """How many distinct ``audience`` and ``server_address`` values get their own series.
+        """How many distinct ``audience`` and ``server_address`` values get their own series:
+        ``limit``, at most :data:`MAX_LABEL_LIMIT`.
 
         Called with ``--token-cache-size`` before anything is recorded.
         """
+        limit = min(limit, MAX_LABEL_LIMIT)
         directory = os.environ.get(MULTIPROC_DIR_ENV) or None
         self._audience_labels = LabelBudget("audience", limit, directory)
         self._server_labels = LabelBudget("server_address", limit, directory)
