@@ -430,7 +430,10 @@ class LabelBudget:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit!r}")
         self._limit = limit
-        self._path = os.path.join(directory, f"labels_{name}.jsonl") if directory else None
+        # Named after the gunicorn master (the workers' parent): the master's start clears
+        # the value files of an operator-provided directory but not this one, and a new
+        # master must not inherit the previous one's admitted values.
+        self._path = os.path.join(directory, f"labels_{name}_{os.getppid()}.jsonl") if directory else None
         self._admitted: set[str] = set()
         self._full = False
         self._lock = threading.Lock()
