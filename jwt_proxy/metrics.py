@@ -1,7 +1,7 @@
 """Prometheus metrics: what each worker records, and the listener the master serves them on.
 
-The only module that imports prometheus_client. It runs in multiprocess
-mode: every gunicorn worker writes its values to memory-mapped files in
+The only module that imports prometheus_client. It runs in multiprocess mode: every
+gunicorn worker writes its values to memory-mapped files in
 ``PROMETHEUS_MULTIPROC_DIR``, and the master's metrics listener adds them up per scrape
 with a fresh registry holding a ``MultiProcessCollector``. The mode is chosen when
 prometheus_client is first imported, so this module must not be imported before that
@@ -30,10 +30,9 @@ How each gauge adds up over the workers (prometheus_client's multiprocess modes;
 Label values that clients choose are bounded as well: the first ``--token-cache-size``
 distinct ``audience`` values (at most :data:`MAX_LABEL_LIMIT`) get their own series, and
 as many ``server_address`` (with ``server_port``) values; later ones are all counted
-under ``_other``. The workers share
-the admitted values through a small file in the multiprocess directory, so the bound
-holds for the whole process tree, and neither the files nor a scrape grow with the
-number of hosts clients name. A dropped audience set's expiry gauge is set to 0, which
+under ``_other``. The workers share the admitted values through a small file in the
+multiprocess directory, so the bound holds for the whole process tree, and neither the
+files nor a scrape grow with the number of hosts clients name. A dropped audience set's expiry gauge is set to 0, which
 the scrape leaves out: ``token_expiry_timestamp_seconds`` shows only sets really held.
 """
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import jwt
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +18,8 @@ from tests.conftest import JWT_PROXY
 from tests.conftest import Process
 from tests.conftest import aws_env
 from tests.conftest import free_port
+from tests.test_token_lifecycle import claims_seen
+from tests.test_token_lifecycle import pinned
 from tests.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.integration
@@ -51,15 +52,6 @@ def own_sts():
     yield start
     for process in started:
         process.cleanup()
-
-
-def pinned(upstream, *flags):
-    return ("--upstream-host", f"127.0.0.1:{upstream.port}", "--upstream-scheme", "http", *flags)
-
-
-def claims_seen(upstream, index=-1):
-    value = upstream.requests[index].header("Authorization")
-    return jwt.decode(value.split(" ", 1)[1], options={"verify_signature": False})
 
 
 def scrape(proxy) -> list:
