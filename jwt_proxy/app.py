@@ -96,15 +96,25 @@ def make_sts_client(config: Config) -> t.Any:
 def make_token_store(config: Config, *, client: t.Any = None, recorder: WorkerMetrics | None = None) -> TokenStore:
     """A worker's token store, fetching from the regional STS endpoint of ``config.region``.
 
-    With a ``recorder``, every fetch and every lookup is recorded in the worker's metrics.
+    It keeps at most ``--token-cache-size`` sets, drops a set unused for one
+    ``--token-duration`` (never the configured audiences), and refreshes the rest in the
+    background. With a ``recorder``, every fetch, lookup and drop is recorded in the
+    worker's metrics, whose label values are bounded by the same cache size.
     """
     if client is None:
         client = make_sts_client(config)
     fetch = sts.make_fetch_for(client, config)
+    bounds: dict[str, t.Any] = {
+        "refresh_skew_s": config.token_refresh_skew_s,
+        "max_sets": config.token_cache_size,
+        "idle_drop_s": config.token_duration_s,
+        "keep": (config.token_audiences,) if config.token_audiences else (),
+    }
     if recorder is None:
-        return TokenStore(fetch, refresh_skew_s=config.token_refresh_skew_s)
+        return TokenStore(fetch, **bounds)
+    recorder.set_label_limit(config.token_cache_size)
     return TokenStore(
-        recorder.instrument_fetch(fetch), refresh_skew_s=config.token_refresh_skew_s, on_lookup=recorder.token_lookup
+        recorder.instrument_fetch(fetch), on_lookup=recorder.token_lookup, on_drop=recorder.token_dropped, **bounds
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import re
 import signal
 import sys
 import threading
@@ -82,11 +83,14 @@ OPTIONS = (
     Option("workers", "2", "gunicorn worker processes."),
     Option("threads", "32", "Threads per worker: concurrent requests per worker."),
     Option("graceful-timeout", "30s", "How long SIGTERM waits for in-flight requests."),
+    Option("token-cache-size", "256", "The most audience sets one worker keeps tokens for; least recently used dropped first."),
     Option("token-file", "", "PATH=AUDIENCE: keep a fresh JWT for AUDIENCE in the file PATH (for SDKs that read one).", repeatable=True),
     Option("token-file-mode", "0600", "Octal file mode of the token files."),
     Option("token-listen-addr", "", "host:port of the token endpoint (GET /token?audience=AUD); empty: off."),
     Option("token-endpoint-audience", "", "The only audiences the token endpoint mints; required with --token-listen-addr.", repeatable=True),
 )
+# A flag named in an error message (``--token-duration``), not part of a longer word.
+_FLAG_IN_TEXT = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
 
 
 def _add_options(command: t.Callable) -> t.Callable:
@@ -120,15 +124,18 @@ def _option_named(flag: str) -> Option | None:
 def usage_error(ctx: click.Context, exc: ConfigError) -> click.UsageError:
     """The one-line error for a bad root option, naming what the operator actually set.
 
-    A value that came from the environment is named by its variable (``TOKEN_DURATION``),
-    not by a flag nobody typed.
+    Every option the message names whose value came from the environment is named by
+    its variable (``TOKEN_DURATION``), not by a flag nobody typed: an error about two
+    options (a duration at or below the skew) names each as it was set.
     """
-    option = _option_named(exc.flag)
-    if option is not None:
-        source = ctx.get_parameter_source(option.name.replace("-", "_"))
-        if source is ParameterSource.ENVIRONMENT:
-            exc = ConfigError(option.envvar, exc.value, exc.allowed)
-    return click.UsageError(str(exc))
+
+    def as_set(match: re.Match[str]) -> str:
+        option = _option_named(match.group(0))
+        if option is not None and ctx.get_parameter_source(option.name.replace("-", "_")) is ParameterSource.ENVIRONMENT:
+            return option.envvar
+        return match.group(0)
+
+    return click.UsageError(_FLAG_IN_TEXT.sub(as_set, str(exc)))
 
 
 def validated_config(ctx: click.Context, **overrides: t.Any) -> Config:
@@ -145,7 +152,10 @@ def validated_config(ctx: click.Context, **overrides: t.Any) -> Config:
 def build_config(ctx: click.Context, **overrides: t.Any) -> Config:
     """A validated Config from the root command's parameters, with the AWS region.
 
-    :raises click.UsageError: one line naming the bad flag, or saying to set AWS_REGION.
+    ``ctx`` (the root command's context) tells which values came from the environment.
+
+    :raises click.UsageError: one line naming the bad flag (or variable), or saying to set
+        AWS_REGION.
     """
     from .sts import resolve_region
 

@@ -203,6 +203,7 @@ class Config:
     workers: int
     threads: int
     graceful_timeout_s: float
+    token_cache_size: int = 256
     region: str | None = None
     token_files: tuple[TokenFile, ...] = ()
     token_file_mode: int = DEFAULT_TOKEN_FILE_MODE
@@ -228,16 +229,23 @@ class Config:
 
         ``--upstream-scheme=http`` sends every token in clear text: that is only quiet
         when pinned to a loopback address or ``localhost`` (header mode can reach any host).
+        Header mode without ``--allowed-upstream-hosts`` lets whoever reaches the port
+        mint tokens for, and send requests to, any host it names.
         """
-        if self.upstream_scheme != "http":
-            return ()
-        if self.upstream is not None and is_loopback_host(self.upstream.host):
-            return ()
-        where = f"to {self.upstream}" if self.upstream is not None else "to any upstream a client names"
-        return (
-            f"--upstream-scheme=http: tokens travel in clear text {where};"
-            " use https unless the upstream is on loopback",
-        )
+        warnings: list[str] = []
+        if not self.pinned and not self.allowed_upstream_hosts:
+            warnings.append(
+                f"header mode without --allowed-upstream-hosts: any client that reaches {self.listen.bind}"
+                f" can mint tokens for, and send requests to, any host it names in {self.host_header};"
+                " set --allowed-upstream-hosts to the upstreams clients may use"
+            )
+        if self.upstream_scheme == "http" and not (self.upstream is not None and is_loopback_host(self.upstream.host)):
+            where = f"to {self.upstream}" if self.upstream is not None else "to any upstream a client names"
+            warnings.append(
+                f"--upstream-scheme=http: tokens travel in clear text {where};"
+                " use https unless the upstream is on loopback"
+            )
+        return tuple(warnings)
 
     @property
     def routing_header(self) -> str | None:
@@ -274,6 +282,7 @@ class Config:
         workers: str = "2",
         threads: str = "32",
         graceful_timeout: str = "30s",
+        token_cache_size: str = "256",
         token_file: Iterable[str] = (),
         token_file_mode: str = "0600",
         token_listen_addr: str = "",
@@ -355,9 +364,15 @@ class Config:
                 f"whole seconds from {MIN_TOKEN_DURATION_S}s to {MAX_TOKEN_DURATION_S}s",
             )
         skew_s = _duration("--token-refresh-skew", token_refresh_skew)
-        if not 0 < skew_s < duration_s:
+        if not skew_s > 0:
+            raise ConfigError("--token-refresh-skew", token_refresh_skew, "must be greater than 0")
+        if not skew_s < duration_s:
             raise ConfigError(
-                "--token-refresh-skew", token_refresh_skew, "must be > 0 and less than --token-duration"
+                "--token-refresh-skew",
+                token_refresh_skew,
+                f"must be less than --token-duration ({token_duration!r}), or every token is due for"
+                f" refresh as soon as it is minted: lower --token-refresh-skew (for example to"
+                f" {_format_seconds(duration_s // 4)}) or raise --token-duration above it",
             )
 
         subject_mode = None
@@ -407,6 +422,7 @@ class Config:
             workers=_at_least_one("--workers", workers),
             threads=_at_least_one("--threads", threads),
             graceful_timeout_s=_positive_duration("--graceful-timeout", graceful_timeout),
+            token_cache_size=_at_least_one("--token-cache-size", token_cache_size),
             region=region,
             token_files=_parse_token_files(token_file),
             token_file_mode=_parse_file_mode("--token-file-mode", token_file_mode),
@@ -496,7 +512,7 @@ def _parse_endpoint_audiences(values: Iterable[str], listening: bool) -> tuple[s
 
 
 def _check_pinned(text: str, upstream: Authority, scheme: str, allowlist: Allowlist) -> None:
-    """The pinned upstream obeys the rules a client-chosen one would (SPEC section 3)."""
+    """The pinned upstream obeys the rules a client-chosen one would."""
     if not allowlist.allows(Upstream(scheme, upstream)):
         raise ConfigError("--upstream-host", text, "not matched by --allowed-upstream-hosts")
     address = literal_address(upstream.host)
@@ -526,6 +542,12 @@ def _positive_duration(flag: str, text: str) -> float:
     if seconds <= 0:
         raise ConfigError(flag, text, "must be greater than 0")
     return seconds
+
+
+def _format_seconds(seconds: float) -> str:
+    """``90`` as ``1m30s``: a duration spelled the way the flags take it."""
+    minutes, rest = divmod(int(seconds), 60)
+    return (f"{minutes}m" if minutes else "") + (f"{rest}s" if rest or not minutes else "")
 
 
 def _at_least_one(flag: str, text: str) -> int:

@@ -1,7 +1,7 @@
 """Prometheus metrics: what each worker records, and the listener the master serves them on.
 
-The only module that imports prometheus_client (STYLE.md 2.1). It runs in multiprocess
-mode: every gunicorn worker writes its values to memory-mapped files in
+The only module that imports prometheus_client. It runs in multiprocess mode: every
+gunicorn worker writes its values to memory-mapped files in
 ``PROMETHEUS_MULTIPROC_DIR``, and the master's metrics listener adds them up per scrape
 with a fresh registry holding a ``MultiProcessCollector``. The mode is chosen when
 prometheus_client is first imported, so this module must not be imported before that
@@ -9,7 +9,7 @@ variable is settled: ``jwt_proxy.cli`` (or, under plain gunicorn, the ``on_start
 of ``jwt_proxy.server``) sets it first, and ``app``/``server`` import this module lazily,
 only when metrics are enabled.
 
-Names and labels are the Go proxy's (SPEC.md section 5), so its dashboards work. Label
+Names and labels are the Go proxy's, so its dashboards work. Label
 values come from bounded sets only: methods are folded to the nine standard ones or
 ``_OTHER``, and nothing ever carries a request path or a token. A label that "is only
 there" on some observations (``server_port``, ``error_type``) has the empty value
@@ -26,11 +26,21 @@ How each gauge adds up over the workers (prometheus_client's multiprocess modes;
 ``jwt_proxy_workers``               ``livesum`` live workers whose app is built
 ``jwt_proxy_ready_workers``         ``livesum`` of those, the ones that are ready
 =================================== =========== ========================================
+
+Label values that clients choose are bounded as well: the first ``--token-cache-size``
+distinct ``audience`` values (at most :data:`MAX_LABEL_LIMIT`) get their own series, and
+as many ``server_address`` (with ``server_port``) values; later ones are all counted
+under ``_other``. The workers share the admitted values through a small file in the
+multiprocess directory, so the bound holds for the whole process tree, and neither the
+files nor a scrape grow with the number of hosts clients name. A dropped audience set's expiry gauge is set to 0, which
+the scrape leaves out: ``token_expiry_timestamp_seconds`` shows only sets really held.
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
+import json
 import os
 import socket
 import socketserver
@@ -95,6 +105,17 @@ NO_ERROR_CLASS = ""
 HTTP_DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 # An STS call takes tens of milliseconds, or up to --upstream-timeout (30 s by default).
 TOKEN_FETCH_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# The label value that stands for every value past the bound.
+OTHER_LABEL = "_other"
+DEFAULT_LABEL_LIMIT = 256
+# Whatever --token-cache-size is, no more values than this per label: a server_address
+# costs a whole histogram (17 lines per error_type and token_result), and at 100 of
+# them with their audiences /metrics stays well under 1 MB.
+MAX_LABEL_LIMIT = 100
+EXPIRY = "token_expiry_timestamp_seconds"
+# An expiry gauge at this value means "not held": the scrape leaves it out.
+NOT_HELD = 0.0
 
 # token_cached_audiences counts sets whose token has not expired; a worker with no
 # traffic re-counts this often, so a token that ran out while idle stops counting.
@@ -165,8 +186,10 @@ class WorkerMetrics:
         clock: t.Callable[[], float] = time.time,
         recount_every_s: float | None = CACHED_AUDIENCES_RECOUNT_S,
         counts_as_worker: bool = True,
+        label_limit: int = DEFAULT_LABEL_LIMIT,
     ) -> None:
         self._clock = clock
+        self.set_label_limit(label_limit)
         self._recount_every_s = recount_every_s
         self.request_duration = Histogram(
             "http_server_request_duration_seconds",
@@ -221,7 +244,7 @@ class WorkerMetrics:
             registry=None,
         )
         self.token_expiry = Gauge(
-            "token_expiry_timestamp_seconds",
+            EXPIRY,
             "When the token served for an audience set expires (the latest of any live worker).",
             ("audience",),
             multiprocess_mode="livemax",
@@ -239,11 +262,25 @@ class WorkerMetrics:
         self.cached_audiences.set(0)
         self._server_children: dict[tuple[str, str], t.Any] = {}
         self._upstream_children: dict[tuple[str, str, str, str], t.Any] = {}
+        # Only sets whose label was admitted are remembered here; the rest share one entry.
         self._audience_children: dict[AudienceSet, tuple[str, t.Any, t.Any]] = {}
-        self._expiries: dict[str, float] = {}
+        self._other_audience: tuple[str, t.Any, t.Any] | None = None
+        # Expiry of every set the token store holds (it reports drops), by set.
+        self._expiries: dict[AudienceSet, float] = {}
         self._cached_count = 0
         self._count_lock = threading.Lock()
         self._recounter: threading.Thread | None = None
+
+    def set_label_limit(self, limit: int) -> None:
+        """How many distinct ``audience`` and ``server_address`` values get their own series:
+        ``limit``, at most :data:`MAX_LABEL_LIMIT`.
+
+        Called with ``--token-cache-size`` before anything is recorded.
+        """
+        limit = min(limit, MAX_LABEL_LIMIT)
+        directory = os.environ.get(MULTIPROC_DIR_ENV) or None
+        self._audience_labels = LabelBudget("audience", limit, directory)
+        self._server_labels = LabelBudget("server_address", limit, directory)
 
     # -- inbound requests ----------------------------------------------------------------
 
@@ -271,7 +308,10 @@ class WorkerMetrics:
         self, address: str, port: str, error_type: str, token_result: str, duration_s: float
     ) -> None:
         """One upstream request: ``port`` is ``""`` for the scheme's default, ``error_type``
-        ``""`` unless the exchange failed (``timeout``, ``connection_refused``, ``unknown``)."""
+        ``""`` unless the exchange failed (``timeout``, ``connection_refused``, ``unknown``).
+        An address past the label bound is counted as ``_other`` (with no port)."""
+        if self._server_labels.label(f"{address}:{port}") == OTHER_LABEL:
+            address, port = OTHER_LABEL, ""
         key = (address, port, error_type, token_result)
         child = self._upstream_children.get(key)
         if child is None:
@@ -280,13 +320,23 @@ class WorkerMetrics:
 
     # -- tokens --------------------------------------------------------------------------
 
+    def _audience(self, audiences: AudienceSet) -> tuple[str, t.Any, t.Any]:
+        """The label of ``audiences`` and its cache hit and miss counters."""
+        entry = self._audience_children.get(audiences)
+        if entry is not None:
+            return entry
+        label = self._audience_labels.label(",".join(audiences))
+        if label == OTHER_LABEL:
+            if self._other_audience is None:
+                self._other_audience = (label, self.cache_hits.labels(label), self.cache_misses.labels(label))
+            return self._other_audience
+        entry = (label, self.cache_hits.labels(label), self.cache_misses.labels(label))
+        self._audience_children[audiences] = entry
+        return entry
+
     def token_lookup(self, audiences: AudienceSet, hit: bool) -> None:
         """The ``on_lookup`` observer of :class:`~jwt_proxy.tokens.TokenStore`."""
-        entry = self._audience_children.get(audiences)
-        if entry is None:
-            label = ",".join(audiences)
-            entry = (label, self.cache_hits.labels(label), self.cache_misses.labels(label))
-            self._audience_children[audiences] = entry
+        entry = self._audience(audiences)
         if hit:
             entry[1].inc()
         else:
@@ -301,7 +351,7 @@ class WorkerMetrics:
         """
 
         def fetch_and_record(audiences: AudienceSet) -> Token:
-            label = ",".join(audiences)
+            label = self._audience(audiences)[0]
             started = time.perf_counter()
             try:
                 token = fetch(audiences)
@@ -313,13 +363,22 @@ class WorkerMetrics:
                 self._record_fetch(label, FETCH_ERROR, EXPIRED_ERROR_CLASS, started)
                 return token
             self._record_fetch(label, FETCH_OK, NO_ERROR_CLASS, started)
-            self.token_expiry.labels(label).set(token.expires_at)
-            self._expiries[label] = token.expires_at
+            if label != OTHER_LABEL:
+                self.token_expiry.labels(label).set(token.expires_at)
+            self._expiries[audiences] = token.expires_at
             self._recount_cached()
             self._start_recounter()
             return token
 
         return fetch_and_record
+
+    def token_dropped(self, audiences: AudienceSet) -> None:
+        """The ``on_drop`` observer of the token store: the set is no longer held."""
+        self._expiries.pop(audiences, None)
+        label = self._audience(audiences)[0]
+        if label != OTHER_LABEL:
+            self.token_expiry.labels(label).set(NOT_HELD)
+        self._recount_cached()
 
     def _record_fetch(self, label: str, result: str, error_class: str, started: float) -> None:
         self.token_fetches.labels(label, result, error_class).inc()
@@ -356,6 +415,72 @@ class WorkerMetrics:
 
 
 # -- the master's listener -----------------------------------------------------------------
+
+
+class LabelBudget:
+    """The first ``limit`` distinct values of a label get their own series; later ones
+    are all :data:`OTHER_LABEL`.
+
+    With a ``directory`` (the multiprocess one) the admitted values live in a file there,
+    one JSON string per line, appended under an exclusive ``flock``, so all workers share
+    one budget. Each worker keeps the admitted values in memory (at most ``limit``) and,
+    once the budget is full, answers ``_other`` for anything else without touching the
+    file again: a value is decided by a set lookup on the request path.
+    """
+
+    def __init__(self, name: str, limit: int, directory: str | None) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit!r}")
+        self._limit = limit
+        # Named after the gunicorn master (the workers' parent): the master's start clears
+        # the value files of an operator-provided directory but not this one, and a new
+        # master must not inherit the previous one's admitted values.
+        self._path = os.path.join(directory, f"labels_{name}_{os.getppid()}.jsonl") if directory else None
+        self._admitted: set[str] = set()
+        self._full = False
+        self._lock = threading.Lock()
+
+    def label(self, value: str) -> str:
+        if value in self._admitted:
+            return value
+        if self._full:
+            return OTHER_LABEL
+        with self._lock:
+            if self._path is None:
+                if len(self._admitted) < self._limit:
+                    self._admitted.add(value)
+            else:
+                self._admit_shared(value)
+            if value in self._admitted:
+                return value
+            self._full = True
+            return OTHER_LABEL
+
+    def _admit_shared(self, value: str) -> None:
+        """Add ``value`` to the shared file if there is room; reload what the others added."""
+        with open(self._path, "a+", encoding="utf-8") as shared:  # type: ignore[arg-type]
+            fcntl.flock(shared, fcntl.LOCK_EX)
+            shared.seek(0)
+            admitted = {json.loads(line) for line in shared.read().splitlines() if line}
+            if value not in admitted and len(admitted) < self._limit:
+                shared.write(json.dumps(value) + "\n")
+                admitted.add(value)
+            self._admitted = admitted
+        if len(self._admitted) > self._limit:  # only if the file was edited by hand
+            self._admitted = set(sorted(self._admitted)[: self._limit])
+
+
+class _HeldTokensOnly:
+    """The workers' merged metrics, minus the expiry gauges of sets no worker holds."""
+
+    def __init__(self, collector: multiprocess.MultiProcessCollector) -> None:
+        self._collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._collector.collect():
+            if metric.name == EXPIRY:
+                metric.samples = [sample for sample in metric.samples if sample.value != NOT_HELD]
+            yield metric
 
 
 class _ProcessGroupCollector:
@@ -489,7 +614,7 @@ class MetricsListener:
         path = environ.get("PATH_INFO", "")
         if path == self.path:
             registry = CollectorRegistry(auto_describe=False)
-            multiprocess.MultiProcessCollector(registry, path=self._multiproc_dir)
+            registry.register(_HeldTokensOnly(multiprocess.MultiProcessCollector(None, path=self._multiproc_dir)))
             registry.register(_ProcessGroupCollector(self._worker_pids))
             return make_wsgi_app(registry)(environ, start_response)
         if path not in (HEALTH_PATH, READY_PATH):

@@ -54,6 +54,8 @@ def assert_nothing_listens(port):
         ([], {"WORKERS": "0"}, "WORKERS", "0"),
         ([], {"LOG_FORMAT": "xml"}, "LOG_FORMAT", "xml"),
         (["--token-duration", "5s"], {"TOKEN_DURATION": "1h"}, "--token-duration", "5s"),
+        (["--token-cache-size", "0"], {}, "--token-cache-size", "0"),
+        ([], {"TOKEN_CACHE_SIZE": "many"}, "TOKEN_CACHE_SIZE", "many"),
     ],
 )
 def test_a_bad_value_exits_before_binding_with_one_line(flags, env, flag, value):
@@ -98,6 +100,32 @@ def test_an_unknown_option_of_a_subcommand_gets_no_such_hint():
     result = run([JWT_PROXY, "token", "--audience", "a", "--no-such-flag"])
     assert result.returncode == 2
     assert "before the subcommand" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        # The user never set the skew: the line still names it, and says to lower it.
+        (["--token-duration", "90", "token", "--audience", "a"], {}, ("--token-refresh-skew", "--token-duration")),
+        (["--token-duration", "1m", "--token-refresh-skew", "1m"], {}, ("--token-refresh-skew", "--token-duration")),
+        (["token", "--audience", "a"], {"TOKEN_DURATION": "90", "TOKEN_REFRESH_SKEW": "2m"}, ("TOKEN_REFRESH_SKEW", "TOKEN_DURATION")),
+        (["--token-refresh-skew", "2m"], {"TOKEN_DURATION": "90"}, ("--token-refresh-skew", "TOKEN_DURATION")),
+    ],
+)
+def test_a_duration_not_above_the_skew_names_both_and_what_to_change(args, env, names):
+    port = free_port()
+    result = run([JWT_PROXY, "--listen-addr", f"127.0.0.1:{port}", *args], aws_env(**env))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    skew, duration = names
+    assert f"invalid value for {skew}:" in lines[0]
+    assert f"lower {skew}" in lines[0] and f"raise {duration}" in lines[0]
+    other_spelling = {"--token-refresh-skew": "TOKEN_REFRESH_SKEW", "TOKEN_REFRESH_SKEW": "--token-refresh-skew",
+                      "--token-duration": "TOKEN_DURATION", "TOKEN_DURATION": "--token-duration"}
+    assert other_spelling[skew] not in lines[0] and other_spelling[duration] not in lines[0]
+    assert result.stdout == ""
+    assert_nothing_listens(port)
 
 
 def test_an_unknown_flag_is_one_line():

@@ -439,3 +439,79 @@ def test_nothing_imports_prometheus_client_before_the_multiproc_dir_is_settled()
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# -- bounded labels and gauges that follow the token store --------------------------------
+
+
+def listener_scrape(tmp_path) -> str:
+    made = metrics.MetricsListener(
+        "127.0.0.1", 0, "/metrics", readiness=lambda: None, worker_pids=lambda: [], multiproc_dir=str(tmp_path)
+    )
+    try:
+        status, body = call(made.wsgi, path="/metrics")
+    finally:
+        made.stop()
+    assert status.startswith("200")
+    return body.decode()
+
+
+def label_values(text: str, family: str, label: str) -> set[str]:
+    return {
+        sample.labels[label]
+        for parsed in text_string_to_metric_families(text)
+        if parsed.name == family
+        for sample in parsed.samples
+        if label in sample.labels
+    }
+
+
+def test_audience_and_server_labels_stop_at_the_limit_across_workers(multiproc, tmp_path):
+    # One fake worker after the other: label children take the value class current when made.
+    for index in range(40):
+        if index in (0, 20):
+            recorder = multiproc(1201 + index)
+            recorder.set_label_limit(3)
+        audiences = (f"http://127.0.0.{index}",)
+        recorder.instrument_fetch(lambda a: Token("jwt", NOW + 3600))(audiences)
+        recorder.token_lookup(audiences, True)
+        recorder.observe_upstream(f"127.0.0.{index}", "8080", "", "ok", 0.01)
+    text = listener_scrape(tmp_path)
+    for family in ("token_fetch_count", "token_fetch_duration_seconds", "token_cache_hit_count", "token_cache_miss_count", "token_expiry_timestamp_seconds"):
+        audiences = label_values(text, family, "audience")
+        named = audiences - {metrics.OTHER_LABEL}
+        assert len(named) <= 3, (family, audiences)
+    fetches = sum(v for (name, _), v in samples(text).items() if name == "token_fetch_count_total")
+    assert fetches == 40  # nothing lost: the rest is counted under _other
+    assert value(text, "token_cache_hit_count_total", audience=metrics.OTHER_LABEL) == 37
+    servers = label_values(text, "http_client_request_duration_seconds", "server_address")
+    assert len(servers - {metrics.OTHER_LABEL}) == 3 and metrics.OTHER_LABEL in servers
+    assert value(
+        text, "http_client_request_duration_seconds_count", server_address="_other", server_port="", error_type="", token_result="ok"
+    ) == 37
+
+
+def test_a_dropped_set_leaves_the_expiry_gauge_and_the_cached_count(multiproc, tmp_path):
+    recorder = multiproc(1301)
+    now = [NOW]
+    store = TokenStore(
+        recorder.instrument_fetch(lambda audiences: Token("jwt", now[0] + 3600)),
+        refresh_skew_s=300,
+        clock=lambda: now[0],
+        on_lookup=recorder.token_lookup,
+        on_drop=recorder.token_dropped,
+        max_sets=2,
+        background_refresh=False,
+    )
+    for name in ("a", "b", "c"):
+        store.get((name,))
+        now[0] += 1
+    text = listener_scrape(tmp_path)
+    assert label_values(text, "token_expiry_timestamp_seconds", "audience") == {"b", "c"}
+    assert value(text, "token_cached_audiences") == 2
+    assert value(text, "token_expiry_timestamp_seconds", audience="c") == NOW + 2 + 3600
+
+
+def test_label_budget_without_a_directory_is_per_process():
+    budget = metrics.LabelBudget("audience", 2, None)
+    assert [budget.label(v) for v in ("a", "b", "c", "a", "d", "b")] == ["a", "b", "_other", "a", "_other", "b"]

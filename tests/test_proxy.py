@@ -444,7 +444,7 @@ def test_plain_gunicorn_with_a_bad_variable_fails_before_binding(start_proxy):
         ready=False,
     )
     assert proxy.popen.wait(20) != 0
-    assert "UPSTREAM_TIMEOUT" in proxy.output() and "'never'" in proxy.output()
+    assert "UPSTREAM_TIMEOUT" in proxy.output() and "'never'" in proxy.output()  # the variable, not a flag
 
 
 # -- listening: a socket per worker --------------------------------------------------------

@@ -117,10 +117,10 @@ def test_the_pinned_upstream_is_checked_at_start(upstream_host, allowed, accepte
     ],
 )
 def test_plain_http_warns_unless_pinned_to_loopback(options, warns):
-    warnings = Config.from_options(**options).startup_warnings()
+    warnings = [w for w in Config.from_options(**options).startup_warnings() if "clear text" in w]
     assert bool(warnings) is warns
     for warning in warnings:
-        assert "clear text" in warning and "--upstream-scheme=http" in warning
+        assert "--upstream-scheme=http" in warning
 
 
 def test_the_warning_is_logged_in_the_proxy_log_format(caplog, monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 
 from jwt_proxy.logs import JsonFormatter
 from jwt_proxy.logs import LogfmtFormatter
+from jwt_proxy.tokens import STALE_MIN_REMAINING_S
 from jwt_proxy.tokens import AudienceSet
 from jwt_proxy.tokens import Token
 from jwt_proxy.tokens import TokenStore
@@ -114,7 +115,7 @@ def spawn() -> RecordingSpawn:
 @pytest.fixture
 def store(fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn) -> TokenStore:
     return TokenStore(
-        fetch, refresh_skew_s=SKEW_S, clock=clock, failure_backoff_s=BACKOFF_S, spawn=spawn
+        fetch, refresh_skew_s=SKEW_S, clock=clock, failure_backoff_s=BACKOFF_S, spawn=spawn, background_refresh=False
     )
 
 
@@ -273,11 +274,23 @@ def test_mandatory_window_waits_for_a_fetch(
     assert spawn.pending == []
 
 
-def test_mandatory_window_failure_is_raised_not_hidden_by_the_old_token(
+def test_mandatory_window_failure_serves_the_old_token_while_it_has_10_s_left(
+    store: TokenStore, fetch: FakeFetch, clock: FakeClock
+) -> None:
+    old = store.get(AUD)
+    clock.advance(DURATION_S - STALE_MIN_REMAINING_S)  # mandatory, exactly 10 s left
+    fetch.error = unavailable("AccessDenied", "not authorized")
+    assert store.get(AUD) is old
+    assert len(fetch.calls) == 2
+    assert store.get(AUD) is old  # within the failure memory: no STS call, still served
+    assert len(fetch.calls) == 2
+
+
+def test_mandatory_window_failure_is_raised_once_the_old_token_has_under_10_s_left(
     store: TokenStore, fetch: FakeFetch, clock: FakeClock
 ) -> None:
     store.get(AUD)
-    clock.advance(DURATION_S - SKEW_S / 2 + 1)
+    clock.advance(DURATION_S - STALE_MIN_REMAINING_S + 0.5)
     fetch.error = unavailable("AccessDenied", "not authorized")
     with pytest.raises(TokenUnavailable) as info:
         store.get(AUD)
@@ -310,7 +323,7 @@ def test_spawn_failure_still_serves_and_frees_the_set(
     def broken_spawn(target: t.Callable[[], None]) -> None:
         raise RuntimeError("can't start new thread")
 
-    store = TokenStore(fetch, refresh_skew_s=SKEW_S, clock=clock, spawn=broken_spawn)
+    store = TokenStore(fetch, refresh_skew_s=SKEW_S, clock=clock, spawn=broken_spawn, background_refresh=False)
     old = store.get(AUD)
     clock.advance(DURATION_S - SKEW_S + 1)
     assert store.get(AUD) is old
@@ -388,15 +401,185 @@ def test_already_expired_fetch_is_refused_and_remembered(
     assert len(fetch.calls) == 1
 
 
-def test_short_fetch_is_returned_but_does_not_stop_the_next_fetch(
-    store: TokenStore, fetch: FakeFetch
+@pytest.mark.parametrize("lifetime_s", [20.0, 60.0, SKEW_S / 4])
+def test_a_token_shorter_than_expected_is_served_from_memory_for_half_its_life(
+    store: TokenStore, fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn, lifetime_s: float
 ) -> None:
-    fetch.duration_s = SKEW_S / 4  # inside the mandatory window on arrival
+    fetch.duration_s = lifetime_s
     first = store.get(AUD)
-    assert first.value == f"{SECRET_PREFIX}-1"
-    second = store.get(AUD)
-    assert second.value == f"{SECRET_PREFIX}-2"
+    for _ in range(10):  # the whole first half: one STS call, no refresh started
+        assert store.get(AUD) is first
+        clock.advance(lifetime_s / 20)
+    assert len(fetch.calls) == 1 and spawn.pending == []
+    clock.advance(0.01)  # just past half its life: advisory, served and refreshed behind
+    assert store.get(AUD) is first
+    spawn.run_all()
     assert len(fetch.calls) == 2
+    assert store.get(AUD).value == f"{SECRET_PREFIX}-2"
+
+
+def test_a_short_token_waits_only_in_the_last_quarter_of_its_life(
+    store: TokenStore, fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn
+) -> None:
+    fetch.duration_s = 20.0
+    first = store.get(AUD)
+    clock.advance(15.0)  # 5 s left: a quarter of 20 s, mandatory
+    assert store.get(AUD) is not first
+    assert len(fetch.calls) == 2 and spawn.pending == []
+
+
+# bounds
+
+
+def bounded_store(fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn, **kwargs: t.Any) -> tuple[TokenStore, list]:
+    dropped: list[AudienceSet] = []
+    store = TokenStore(
+        fetch,
+        refresh_skew_s=SKEW_S,
+        clock=clock,
+        failure_backoff_s=BACKOFF_S,
+        spawn=spawn,
+        background_refresh=False,
+        on_drop=dropped.append,
+        **kwargs,
+    )
+    return store, dropped
+
+
+def test_past_the_cache_size_the_least_recently_used_set_is_dropped(
+    fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn
+) -> None:
+    store, dropped = bounded_store(fetch, clock, spawn, max_sets=2)
+    store.get(("a",))
+    clock.advance(1)
+    store.get(("b",))
+    clock.advance(1)
+    store.get(("a",))  # b is now the least recently used
+    clock.advance(1)
+    store.get(("c",))
+    assert dropped == [("b",)]
+    assert store.cached_count() == 2
+    calls = len(fetch.calls)
+    store.get(("a",))
+    store.get(("c",))
+    assert len(fetch.calls) == calls  # the kept ones are still cached
+    store.get(("b",))  # b is fetched again, a (least recent now) goes
+    assert len(fetch.calls) == calls + 1
+    assert dropped == [("b",), ("a",)]
+
+
+def test_configured_sets_are_never_dropped(fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn) -> None:
+    store, dropped = bounded_store(fetch, clock, spawn, max_sets=1, idle_drop_s=DURATION_S, keep=[("k",)])
+    store.prewarm(("k",))
+    store.get(("x",))
+    store.get(("y",))
+    assert dropped == [("x",)]
+    clock.advance(DURATION_S * 3)
+    store.refresh_due()
+    assert dropped == [("x",), ("y",)]
+    assert len(store._slots) == 1 and ("k",) in store._slots  # type: ignore[attr-defined]
+
+
+def test_a_set_unused_for_the_token_duration_is_dropped_not_refreshed(
+    fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn
+) -> None:
+    fetch.duration_s = 600.0
+    store, dropped = bounded_store(fetch, clock, spawn, idle_drop_s=900.0)
+    store.get(AUD)
+    clock.advance(600.0 - SKEW_S)  # advisory: the refresher refreshes it, unused as it is
+    assert store.refresh_due() is not None
+    spawn.run_all()
+    assert len(fetch.calls) == 2
+    clock.advance(600.0)  # 900 s since the only use
+    assert store.refresh_due() is None
+    assert dropped == [AUD] and spawn.pending == [] and store.cached_count() == 0
+    assert len(fetch.calls) == 2
+
+
+def test_a_set_dropped_while_its_fetch_runs_is_reported_dropped_again(
+    fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn
+) -> None:
+    store, dropped = bounded_store(fetch, clock, spawn, max_sets=1)
+    fetch.gate = threading.Event()
+    thread, out = run_in_thread(lambda: store.get(("a",)))
+    assert fetch.started.wait(JOIN_TIMEOUT_S)
+    fetch.gate.set()
+    store.get(("b",))  # a is dropped (maybe before its fetch publishes)
+    join(thread)
+    assert isinstance(out[0], Token)
+    assert ("a",) in dropped  # its token is recorded nowhere as held
+
+
+# the refresher's schedule
+
+
+def test_refresher_refreshes_each_set_when_its_advisory_window_opens(
+    fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn
+) -> None:
+    store, _ = bounded_store(fetch, clock, spawn)
+    store.get(AUD)
+    assert store.refresh_due() == START_S + DURATION_S - SKEW_S
+    assert spawn.pending == []
+    clock.advance(DURATION_S - SKEW_S)
+    store.refresh_due()
+    spawn.run_all()
+    assert len(fetch.calls) == 2  # no request needed
+    assert store.refresh_due() == clock.now + DURATION_S - SKEW_S
+
+
+def test_refresher_follows_a_short_token_and_picks_the_earliest_set(
+    fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn
+) -> None:
+    store, _ = bounded_store(fetch, clock, spawn)
+    store.get(AUD)
+    fetch.duration_s = 60.0
+    store.get(OTHER_AUD)
+    assert store.refresh_due() == START_S + 30.0  # half of a 60 s life
+    clock.advance(30.0)
+    store.refresh_due()
+    spawn.run_all()
+    assert fetch.calls[-1] == OTHER_AUD and len(fetch.calls) == 3
+
+
+def test_refresher_retries_a_failing_set_with_growing_delays_and_serves_meanwhile(
+    fetch: FakeFetch, clock: FakeClock, spawn: RecordingSpawn
+) -> None:
+    store, _ = bounded_store(fetch, clock, spawn)
+    old = store.get(AUD)
+    clock.advance(DURATION_S - SKEW_S)
+    fetch.error = unavailable()
+    delays = []
+    for _ in range(4):
+        store.refresh_due()
+        spawn.run_all()
+        failed_at = clock.now
+        next_due = store.refresh_due()
+        assert spawn.pending == []  # not before its retry delay
+        delays.append(next_due - failed_at)
+        clock.now = next_due
+    assert delays == [BACKOFF_S, 2 * BACKOFF_S, 4 * BACKOFF_S, 8 * BACKOFF_S]
+    assert store.get(AUD) is old
+    fetch.error = None
+    store.refresh_due()
+    spawn.run_all()
+    assert store.get(AUD) is not old
+
+
+def test_refresher_thread_refreshes_without_traffic_and_stops(clock: FakeClock) -> None:
+    fetch = FakeFetch(clock, duration_s=DURATION_S)
+    store = TokenStore(fetch, refresh_skew_s=SKEW_S, clock=clock)  # refresher on by default
+    store.get(AUD)
+    clock.advance(DURATION_S - SKEW_S)  # the thread sleeps up to its cap; wake it as a publish would
+    store._wake.set()  # type: ignore[attr-defined]
+    deadline = threading.Event()
+    for _ in range(200):
+        if len(fetch.calls) >= 2:
+            break
+        deadline.wait(0.05)
+    assert len(fetch.calls) == 2
+    thread = store._refresher  # type: ignore[attr-defined]
+    store.stop_refresher(JOIN_TIMEOUT_S)
+    assert thread is not None and not thread.is_alive() and thread.daemon
 
 
 # concurrency
@@ -409,7 +592,7 @@ def test_concurrent_waiters_share_one_fetch(
     waiters = 8
     # No failure memory: only sharing can keep the waiters from calling STS again.
     store = TokenStore(
-        fetch, refresh_skew_s=SKEW_S, clock=clock, failure_backoff_s=0.0, spawn=spawn
+        fetch, refresh_skew_s=SKEW_S, clock=clock, failure_backoff_s=0.0, spawn=spawn, background_refresh=False
     )
     if outcome == "short token":
         fetch.duration_s = SKEW_S / 4
@@ -485,7 +668,7 @@ def test_race_every_read_gets_an_unexpired_consistent_token() -> None:
         spawned.append(thread)
         thread.start()
 
-    store = TokenStore(fetch, refresh_skew_s=SKEW_S, clock=clock, spawn=spawn)
+    store = TokenStore(fetch, refresh_skew_s=SKEW_S, clock=clock, spawn=spawn, background_refresh=False)
     problems: list[str] = []
 
     def reader() -> None:
@@ -547,7 +730,7 @@ def test_constructor_rejects_nonsense_windows(skew: float, backoff: float) -> No
 
 
 def test_default_spawn_runs_refresh_in_a_daemon_thread(fetch: FakeFetch, clock: FakeClock) -> None:
-    store = TokenStore(fetch, refresh_skew_s=SKEW_S, clock=clock)
+    store = TokenStore(fetch, refresh_skew_s=SKEW_S, clock=clock, background_refresh=False)
     store.get(AUD)
     clock.advance(DURATION_S - SKEW_S + 1)
     fetch.started.clear()
