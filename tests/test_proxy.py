@@ -164,7 +164,7 @@ def test_failed_fetch_gives_502_calls_no_upstream_and_caches_nothing(start_proxy
     record = proxy.wait_for_record(lambda r: r.get("level") == "error" and r.get("error_class") == "AccessDenied")
     assert record["target"].endswith("/q")
     sts.configure(fail_with=None)
-    time.sleep(1.1)  # the failure memory of SPEC section 4 holds the 502 for one second
+    time.sleep(1.1)  # the failure memory holds the 502 for one second
     assert requests.get(proxy.url + "/", timeout=10).status_code == 200
 
 
