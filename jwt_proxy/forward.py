@@ -46,7 +46,7 @@ import re
 import socket
 import ssl
 import sys
-import types
+import time
 import typing as t
 from dataclasses import dataclass
 from dataclasses import field
@@ -78,9 +78,10 @@ from urllib3.util.ssl_ import create_urllib3_context
 from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
 from .headers import filter_response_headers
+from .headers import response_framing
 from .routing import IPAddress
 from .routing import canonical_address
-from .routing import is_restricted_address
+from .routing import is_refused_address
 from .routing import literal_address
 
 #: Socket read timeout once the response headers are in. ``--upstream-timeout`` bounds the
@@ -125,9 +126,11 @@ class UpstreamError(Exception):
 
     status: int = 502
 
-    def __init__(self, message: str, *, error_type: str) -> None:
+    def __init__(self, message: str, *, error_type: str, closes_client: bool = False) -> None:
         super().__init__(message)
         self.error_type = error_type
+        #: The client connection must close too (the upstream switched protocols).
+        self.closes_client = closes_client
 
 
 class UpstreamTimeout(UpstreamError):
@@ -189,9 +192,9 @@ class UpstreamResponse:
     """
 
     def __init__(
-        self, raw: http.client.HTTPResponse, *, method: str, host: str, release: t.Callable[[bool], None]
+        self, raw: _FinalResponse, *, method: str, host: str, release: t.Callable[[bool], None]
     ) -> None:
-        lines = raw.msg.items()
+        lines = raw.header_lines
         self.status: int = raw.status
         self.reason: str = raw.reason or ""
         self.headers: list[tuple[str, str]] = filter_response_headers(lines)
@@ -279,8 +282,27 @@ class AddressPolicy:
         resolver = self.resolver or socket.getaddrinfo
         return list(resolver(host, port, allowed_gai_family(), socket.SOCK_STREAM))
 
-    def refuses(self, address: IPAddress) -> bool:
-        return is_restricted_address(address) and canonical_address(address) not in self.allowed
+    def refuses(self, address: IPAddress | None) -> bool:
+        return is_refused_address(address, self.allowed)
+
+    def resolve_checked(self, host: str, port: int) -> list[tuple[t.Any, ...]]:
+        """``host`` resolved once, every address checked: :class:`UpstreamForbidden` if
+        any is refused, else the ``getaddrinfo`` entries to dial (and only those)."""
+        infos = self.resolve(host, port)
+        for info in infos:
+            address = _sockaddr_address(info[4])
+            if self.refuses(address):
+                raise UpstreamForbidden(
+                    f"upstream {host}:{port}: resolves to {address or info[4]!r}, a link-local or metadata address"
+                )
+        return infos
+
+    def check_literal(self, host: str) -> None:
+        """Through an egress proxy, which resolves names itself: refuse ``host`` when it
+        is written as a refused address (a name is left to the proxy)."""
+        address = literal_address(host)
+        if address is not None and self.refuses(address):
+            raise UpstreamForbidden(f"upstream {host}: {address} is a link-local or metadata address")
 
 
 # The policy of the session whose request this thread is sending; set only around
@@ -389,9 +411,7 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
     if proxy:
         # The proxy resolves and dials the target: only an address literal can be
         # checked here (a direct connection is checked in _RawTargetConnection).
-        address = literal_address(upstream.host or "")
-        if address is not None and adapter.policy.refuses(address):
-            raise UpstreamForbidden(f"upstream {upstream.netloc}: {address} is a link-local or metadata address")
+        adapter.policy.check_literal(upstream.host or "")
     try:
         raw, release = adapter.open(
             request.method, upstream, request.target, headers, body, timeout_s=timeout_s, proxy=proxy
@@ -400,6 +420,7 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
         raise
     except (requests.RequestException, Urllib3Error, OSError, http.client.HTTPException) as exc:
         error = _upstream_error(exc, upstream.netloc, f"response headers (timeout {timeout_s:g}s)")
+        error.closes_client = isinstance(exc, UnexpectedUpgrade)
     else:
         return UpstreamResponse(raw, method=request.method, host=upstream.netloc, release=release)
     # Raised outside the except block so that neither __cause__ nor __context__ holds
@@ -539,25 +560,153 @@ def header_block_message(lines: list[bytes]) -> http.client.HTTPMessage:
     return message
 
 
+#: Largest response head (status line and header lines) taken from an upstream.
+MAX_RESPONSE_HEAD_BYTES = 1024 * 1024
+
+
+class UnexpectedUpgrade(http.client.HTTPException):
+    """A ``101 Switching Protocols`` to a request that asked for no upgrade: what follows
+    on the connection is not HTTP the proxy could pass on."""
+
+
+class AmbiguousFraming(http.client.HTTPException):
+    """A response whose body length cannot be known for sure (RFC 9112 6.3): several
+    differing ``Content-Length`` values, an invalid one, or one next to
+    ``Transfer-Encoding``. Its connection is closed, never reused."""
+
+
 class _FinalResponse(http.client.HTTPResponse):
-    """Skips interim responses other than 100 (which ``begin`` skips) and 101, and
-    parses header blocks with :func:`parse_header_block`."""
+    """http.client's response whose head is read here, under one deadline.
 
-    # The running Python's own HTTPResponse.begin, its module globals but for
-    # parse_headers: no copy of the stdlib code to drift from it.
-    begin = types.FunctionType(
-        http.client.HTTPResponse.begin.__code__,
-        {**vars(http.client), "parse_headers": parse_header_block},
-        "begin",
-    )
+    :meth:`begin` reads status lines and header blocks through the socket file's buffer
+    (so the body's first bytes stay there for http.client's body reads), skips up to
+    :data:`MAX_INTERIM_RESPONSES` interim responses (``100 Continue`` included), refuses
+    a ``101`` nobody asked for and ambiguous framing, then sets the attributes
+    http.client's own ``begin`` sets and its body reads use (``chunked``, ``length``,
+    ``will_close``...): there is no public way to hand it a head read elsewhere.
+    ``deadline`` (``time.monotonic``) bounds the whole head, every read included, so an
+    upstream dripping its head or sending ``100`` after ``100`` cannot extend it.
+    """
 
-    def _read_status(self) -> tuple[str, int, str]:
+    def __init__(
+        self,
+        sock: t.Any,
+        debuglevel: int = 0,
+        method: str | None = None,
+        url: str | None = None,
+        *,
+        deadline: float | None = None,
+        upgrade_requested: bool = False,
+    ) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        self._settimeout = getattr(sock, "settimeout", None)
+        self._deadline = deadline
+        self._upgrade_requested = upgrade_requested
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
         for _ in range(MAX_INTERIM_RESPONSES + 1):
-            version, status, reason = super()._read_status()
-            if not 100 < status < 200 or status == 101:
-                return version, status, reason
-            parse_header_block(self.fp)  # the interim response's header block
-        raise http.client.HTTPException(f"more than {MAX_INTERIM_RESPONSES} interim responses")
+            lines = _split_lines(read_head(self.fp, self._deadline, self._settimeout))
+            if len(lines) > _MAX_HEADERS + 2:
+                raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
+            version, status, reason = parse_status_line(lines[0])
+            if not 100 <= status < 200 or status == 101:
+                break
+        else:
+            raise http.client.HTTPException(f"more than {MAX_INTERIM_RESPONSES} interim responses")
+        if status == 101 and not self._upgrade_requested:
+            raise UnexpectedUpgrade("101 Switching Protocols to a request without Upgrade")
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        self.headers = self.msg = header_block_message(lines[1:])
+        self.header_lines = self.msg.items()
+        framing = response_framing(self.header_lines, http_1_0=self.version == 10)
+        if framing.error is not None:
+            raise AmbiguousFraming(framing.error)
+        self.chunked = framing.chunked
+        self.chunk_left = None
+        self.length = framing.length
+        self.will_close = framing.close
+        # RFC 9110 6.4.1: no body, whatever the headers say.
+        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.chunked and self.length is None:
+            self.will_close = True  # the body ends when the connection does
+
+
+def read_head(fp: t.Any, deadline: float | None, settimeout: t.Callable[[float], None] | None) -> bytes:
+    """One response head from ``fp``, status line to blank line included.
+
+    Through ``fp``'s buffer (``peek``, then ``read`` of what belongs to the head), so
+    nothing past the head is taken; an unbuffered ``fp`` is read a byte at a time. Before
+    every read the socket's timeout is set to what is left until ``deadline``.
+    """
+    block = bytearray()
+    peek = getattr(fp, "peek", None)
+    while True:
+        if deadline is not None and settimeout is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the response head did not complete before the deadline")
+            settimeout(remaining)
+        data = peek(1) if peek is not None else fp.read(1)
+        if not data:
+            if not block:
+                raise http.client.RemoteDisconnected("Remote end closed connection without response")
+            raise http.client.IncompleteRead(bytes(block))
+        searched = max(0, len(block) - 2)
+        block += data
+        end = _head_end(block, searched)
+        if end < 0:
+            if peek is not None:
+                fp.read(len(data))
+            if len(block) > MAX_RESPONSE_HEAD_BYTES:
+                raise http.client.LineTooLong("response head")
+            continue
+        if peek is not None:
+            fp.read(len(data) - (len(block) - end))
+        del block[end:]
+        return bytes(block)
+
+
+def _head_end(block: bytearray, start: int) -> int:
+    """Where the head in ``block`` ends (after its blank line), or -1."""
+    crlf = block.find(b"\n\r\n", start)
+    lf = block.find(b"\n\n", start)
+    if crlf < 0:
+        return lf + 2 if lf >= 0 else -1
+    if 0 <= lf < crlf:
+        return lf + 2
+    return crlf + 3
+
+
+def _split_lines(head: bytes) -> list[bytes]:
+    """The head's lines with their line ends, split on LF only (as ``readline`` does: a
+    lone CR stays inside its line)."""
+    parts = head.split(b"\n")
+    parts.pop()  # the head ends with LF
+    return [part + b"\n" for part in parts]
+
+
+def parse_status_line(line: bytes) -> tuple[str, int, str]:
+    """``(version, status, reason)`` of a status line, as http.client reads it, but the
+    status must be three digits."""
+    if len(line) > _MAX_HEADER_LINE:
+        raise http.client.LineTooLong("status line")
+    text = str(line, "iso-8859-1")
+    version, _, rest = text.partition(" ")
+    code, _, reason = rest.lstrip(" ").partition(" ")
+    code = code.rstrip("\r\n")
+    if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit() or not code.isascii():
+        raise http.client.BadStatusLine(text)
+    return version, int(code), reason.rstrip("\r\n")
 
 
 class _RawTargetConnection(HTTPConnection):
@@ -569,7 +718,14 @@ class _RawTargetConnection(HTTPConnection):
     still refuses control characters and spaces in it.
     """
 
-    response_class = _FinalResponse
+    #: When the response head must be complete (``time.monotonic``), set by
+    #: :func:`_exchange` for each request.
+    head_deadline: float | None = None
+
+    def response_class(self, sock: t.Any, debuglevel: int = 0, method: str | None = None) -> _FinalResponse:
+        """What ``getresponse`` reads the head with (any callable may stand here): a
+        :class:`_FinalResponse` bound to this request's deadline."""
+        return _FinalResponse(sock, debuglevel, method=method, deadline=self.head_deadline)
 
     def _new_conn(self) -> socket.socket:
         """Resolve once, check every address, then dial only the checked ones.
@@ -582,16 +738,9 @@ class _RawTargetConnection(HTTPConnection):
             return super()._new_conn()
         policy = _ADDRESS_POLICY.get() or AddressPolicy()
         try:
-            infos = policy.resolve(self._dns_host.strip("[]"), self.port)
+            infos = policy.resolve_checked(self._dns_host.strip("[]"), self.port)
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc
-        for info in infos:
-            address = _sockaddr_address(info[4])
-            if address is None or policy.refuses(address):
-                raise UpstreamForbidden(
-                    f"upstream {self.host}:{self.port}: resolves to {address or info[4]!r},"
-                    " a link-local or metadata address"
-                )
         try:
             sock = _connect_first(infos, self.timeout, self.source_address, self.socket_options)
         except socket.timeout as exc:
@@ -603,9 +752,9 @@ class _RawTargetConnection(HTTPConnection):
         sys.audit("http.client.connect", self, self.host, self.port)
         return sock
 
-    def read_head(self) -> http.client.HTTPResponse:
-        """http.client's response to the request just sent, once its head is in (the
-        request's timeout applies); then the socket gets the body idle timeout.
+    def read_head(self) -> _FinalResponse:
+        """http.client's response to the request just sent, once its head is in (by
+        :attr:`head_deadline`); then the socket gets the body idle timeout.
 
         Taken before: http.client drops ``self.sock`` when the response says
         ``Connection: close``, and such a body (read until close) must get the long
@@ -746,7 +895,7 @@ class _ProxyAdapter(HTTPAdapter):
         *,
         timeout_s: float,
         proxy: str | None,
-    ) -> tuple[http.client.HTTPResponse, t.Callable[[bool], None]]:
+    ) -> tuple[_FinalResponse, t.Callable[[bool], None]]:
         """Send one request on a pooled connection; return when the response head is in,
         with the function that gives the connection back (``True``: it can be reused).
 
@@ -773,7 +922,7 @@ class _ProxyAdapter(HTTPAdapter):
 
 def _exchange(
     pool: HTTPConnectionPool, method: str, wire: str, headers: HTTPHeaderDict, body: t.Any, timeout_s: float
-) -> tuple[http.client.HTTPResponse, t.Callable[[bool], None]]:
+) -> tuple[_FinalResponse, t.Callable[[bool], None]]:
     """One request on one of ``pool``'s connections, up to the response head.
 
     What urllib3's ``urlopen`` does for a streamed request without retries or redirects,
@@ -787,14 +936,16 @@ def _exchange(
     if not tunnel and pool.proxy_headers:  # a plain-http forward proxy's credentials
         headers = headers.copy()
         headers.update(pool.proxy_headers)
+    started = time.monotonic()
     conn = pool._get_conn()
     try:
         conn.timeout = timeout_s
         if conn.is_closed:  # new, or dropped while pooled: connect (through a CONNECT tunnel)
             if tunnel:
                 pool._prepare_proxy(conn)
-            elif pool.scheme == "https":
+            else:
                 conn.connect()
+        sending = time.monotonic()
         try:
             conn.request(
                 method, wire, body=body, headers=headers, chunked=isinstance(body, _StreamBody),
@@ -805,6 +956,10 @@ def _exchange(
             # body; its answer is read below all the same.
             if not isinstance(exc, BrokenPipeError) and exc.errno not in (errno.EPROTOTYPE, errno.ECONNRESET):
                 raise
+        # The head is due timeout_s after the connect began (or the pooled connection was
+        # taken); the time the client takes to stream its body is not the upstream's.
+        paused = time.monotonic() - sending if body is not None else 0.0
+        conn.head_deadline = started + timeout_s + paused
         response = conn.read_head()
     except BaseException:
         conn.close()
@@ -841,9 +996,9 @@ def _upstream_error(exc: BaseException, host: str, waiting_for: str) -> Upstream
     """Classify ``exc`` and describe it without the URL (requests' and urllib3's messages
     carry the full target, query string included)."""
     chain = _exception_chain(exc)
-    # The innermost errors from the standard library (socket, ssl, http.client) say what
-    # happened and never carry the target.
-    stdlib = [e for e in chain if type(e).__module__.split(".")[0] in ("builtins", "socket", "ssl", "http")]
+    # The innermost errors from the standard library (socket, ssl, http.client) and ours
+    # (a response head refused) say what happened and never carry the target.
+    stdlib = [e for e in chain if type(e).__module__.split(".")[0] in ("builtins", "socket", "ssl", "http", "jwt_proxy")]
     detail = f"{type(stdlib[-1]).__name__}: {stdlib[-1]}" if stdlib else type(chain[-1]).__name__
     if any(_is_timeout(e) for e in chain):
         return UpstreamTimeout(f"upstream {host}: timed out waiting for {waiting_for} ({detail})", error_type="timeout")

@@ -504,7 +504,7 @@ def test_a_204_claiming_a_chunked_body_is_not_read_and_not_pooled(session, monke
         assert upstream.connections_opened == 2
 
 
-def test_a_101_connection_is_never_pooled(session):
+def test_a_101_to_a_request_without_upgrade_is_an_upstream_error_and_never_pooled(session):
     def switch(seen: RecordedRequest, sock: socket.socket) -> bool:
         if seen.target == "/ws":
             sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
@@ -513,8 +513,9 @@ def test_a_101_connection_is_never_pooled(session):
         return True
 
     with RecordingUpstream(switch) as upstream:
-        response, body = fetch(session, upstream.url, "/ws")
-        assert (response.status, body) == (101, b"")
+        with pytest.raises(UpstreamUnavailable, match="101") as raised:
+            fetch(session, upstream.url, "/ws")
+        assert raised.value.status == 502 and raised.value.closes_client
         assert fetch(session, upstream.url, "/plain")[1] == b"plain"
         assert upstream.connections_opened == 2
 
