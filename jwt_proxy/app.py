@@ -32,6 +32,8 @@ from . import tunnel
 from .headers import append_forwarded_for
 from .headers import filter_request_headers
 from .headers import request_framing_error
+from .inbound import limit_chunk_sizes
+from .inbound import oversized_chunk_ahead
 from .logs import exception_fields
 from .routing import BODY_FORBIDDEN
 from .routing import BODY_INVALID_TARGET
@@ -212,7 +214,7 @@ class Proxy:
             raise RoutingError(405, BODY_METHOD_NOT_ALLOWED)
         transfer_encoding = environ.get("HTTP_TRANSFER_ENCODING")
         framing_error = request_framing_error(transfer_encoding, environ.get("CONTENT_LENGTH"))
-        if framing_error is None and transfer_encoding is not None and inbound.oversized_chunk_ahead(environ):
+        if framing_error is None and transfer_encoding is not None and oversized_chunk_ahead(environ):
             framing_error = BODY_INVALID_CHUNKED
         if framing_error is not None:
             close_client_connection(environ)  # where its body ends is not known
@@ -245,7 +247,7 @@ class Proxy:
 
         chunked = transfer_encoding is not None  # exactly "chunked", see request_framing_error
         if chunked:
-            inbound.limit_chunk_sizes(environ)
+            limit_chunk_sizes(environ)
         content_length = None if chunked else request.content_length
         has_body = chunked or content_length is not None
         if not has_body and "gunicorn.socket" in environ and tunnel.is_websocket_upgrade(method, inbound):

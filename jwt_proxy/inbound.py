@@ -90,8 +90,9 @@ def oversized_chunk_ahead(environ: dict[str, t.Any]) -> bool:
     for more) lets such a body be refused before the upstream is dialled. Sizes further
     on are checked as the body streams (:func:`limit_chunk_sizes`).
     """
-    unreader = getattr(getattr(environ.get("wsgi.input"), "reader", None), "unreader", None)
-    buffered = getattr(unreader, "buf", None)
+    # The chunked reader keeps no reference to the parser's unreader; its request does.
+    request = getattr(getattr(environ.get("wsgi.input"), "reader", None), "req", None)
+    buffered = getattr(getattr(request, "unreader", None), "buf", None)
     if not isinstance(buffered, io.BytesIO):
         return False
     data = buffered.getvalue()
