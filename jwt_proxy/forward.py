@@ -15,9 +15,12 @@ timeouts) and switches the rest off:
 - body framing is decided here from the body actually streamed, never copied (P2);
 - responses are read undecoded, one ``recv`` at a time, with the upstream's header lines
   as they came; redirects are returned, never followed;
-- interim ``1xx`` responses (``102``, ``103 Early Hints``) are skipped like ``100``:
-  ``http.client`` would otherwise return the ``103`` as *the* response and leave the
-  real one in the pooled socket, to be read as the answer to another client's request.
+- the response head is read by :class:`_FinalResponse` under one deadline
+  (``timeout_s`` from the connect or the reuse of a pooled connection to its last
+  byte), interim ``1xx`` responses skipped (``http.client`` would return a ``103`` as
+  *the* response and leave the real one in the pooled socket, to be read as the answer
+  to another client's request); ambiguous framing and a ``101`` nobody asked for make
+  the exchange fail and the connection close (RFC 9112 6.3).
 
 Every new connection is checked before it is made (:class:`AddressPolicy`): the host is
 resolved once, every address it resolves to is checked, and only those checked
@@ -27,8 +30,8 @@ spelling, ``fd00:ec2::254``, a DNS name that resolves there) is refused with
 ``HTTP(S)_PROXY`` the connection goes to the proxy, which resolves the target: there a
 target written as an IP address is checked, a name is left to the proxy.
 
-Failures before the response headers become :class:`UpstreamError` (mapped to 502/504 by
-the caller); failures while streaming the body are raised from
+Failures before the response head is complete become :class:`UpstreamError` (mapped to
+502/504 by the caller); failures while streaming the body are raised from
 :meth:`UpstreamResponse.iter_body` so the server aborts the client connection instead of
 finishing a truncated body.
 """
@@ -393,8 +396,8 @@ def _environ_proxies(base_url: str, _variables: tuple[str | None, ...]) -> dict[
 def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: float) -> UpstreamResponse:
     """Send ``request`` and return once the upstream's response headers are in.
 
-    ``timeout_s`` bounds the connection and each wait for the response headers; the body
-    then has :data:`BODY_IDLE_TIMEOUT_S` between reads. Proxies come from
+    ``timeout_s`` bounds the connection and the whole response head (time spent
+    streaming the client's body aside); the body then has :data:`BODY_IDLE_TIMEOUT_S` between reads. Proxies come from
     ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` (see :meth:`_ProxyAdapter.proxy_for`). Raises
     :class:`UpstreamTimeout`, :class:`UpstreamUnavailable`, :class:`RequestBodyError`,
     or ``ValueError`` for a request the caller should not have built (a target that is
