@@ -550,17 +550,28 @@ def parse_header_block(fp: t.BinaryIO) -> http.client.HTTPMessage:
 def header_block_message(lines: list[bytes]) -> http.client.HTTPMessage:
     """The :class:`http.client.HTTPMessage` for header ``lines`` (the terminating blank
     line, or ``b""`` at the end of the stream, last), as ``email.parser`` makes it."""
+    return header_block(lines)[0]
+
+
+def header_block(lines: list[bytes]) -> tuple[http.client.HTTPMessage, list[tuple[str, str]]]:
+    """:func:`header_block_message`, and the message's ``items()``: on the fast path they
+    are the pairs just parsed (``compat32`` hands such values back unchanged), so the
+    message is not read back line by line."""
     message = http.client.HTTPMessage()
+    items = []
     for raw in lines[:-1]:
         text = raw.decode("iso-8859-1")
         body = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
         name = _PLAIN_HEADER_NAME.match(body)
         if name is None or "\r" in body or "\n" in body or body.startswith("From "):
-            return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(
+            message = email.parser.Parser(_class=http.client.HTTPMessage).parsestr(
                 b"".join(lines).decode("iso-8859-1")
             )
-        message.set_raw(body[: name.end() - 1], body[name.end() :].lstrip(" \t"))
-    return message
+            return message, message.items()
+        pair = (body[: name.end() - 1], body[name.end() :].lstrip(" \t"))
+        message.set_raw(*pair)
+        items.append(pair)
+    return message, items
 
 
 #: Largest response head (status line and header lines) taken from an upstream.
@@ -628,8 +639,8 @@ class _FinalResponse(http.client.HTTPResponse):
             raise http.client.UnknownProtocol(version)
         self.code = self.status = status
         self.reason = reason.strip()
-        self.headers = self.msg = header_block_message(lines[1:])
-        self.header_lines = self.msg.items()
+        self.headers, self.header_lines = header_block(lines[1:])
+        self.msg = self.headers
         framing = response_framing(self.header_lines, http_1_0=self.version == 10)
         if framing.error is not None:
             raise AmbiguousFraming(framing.error)

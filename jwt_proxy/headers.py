@@ -79,10 +79,17 @@ def filter_response_headers(headers: t.Iterable[tuple[str, str]]) -> Headers:
     dropped = HOP_BY_HOP | connection_named(lines)
     if any(name.lower() == "transfer-encoding" for name, _ in lines):
         dropped |= {"content-length"}
-    kept = [(name, value) for name, value in lines if name.lower() not in dropped]
-    lengths = [index for index, (name, _) in enumerate(kept) if name.lower() == "content-length"]
-    for index in reversed(lengths[1:]):  # repeated lines of one length: one is enough
-        del kept[index]
+    kept = []
+    length_kept = False
+    for name, value in lines:
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if lower == "content-length":
+            if length_kept:
+                continue  # repeated lines of one length (checked equal before): one is enough
+            length_kept = True
+        kept.append((name, value))
     return kept
 
 
