@@ -8,6 +8,7 @@ sometimes broken, bytes).
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -311,3 +312,35 @@ def test_an_ipv6_spelling_of_the_metadata_address_is_refused_before_any_connect(
     assert (answer.status, answer.body) == (403, b"upstream not allowed\n")
     time.sleep(0.3)  # the records of the request
     assert "upstream request failed" not in proxy.output()  # no connect was attempted
+
+
+#: Loaded by the proxy's Python (``PYTHONPATH``): names that resolve to IPv6 spellings of
+#: the metadata address, as a DNS answer could.
+RESOLVES_TO_METADATA = """
+import socket
+_getaddrinfo = socket.getaddrinfo
+_ANSWERS = {"compat.test": "::a9fe:a9fe", "sixtofour.test": "2002:a9fe:a9fe::1"}
+def getaddrinfo(host, *args, **kwargs):
+    if isinstance(host, str):
+        host = _ANSWERS.get(host.lower().rstrip("."), host)
+    return _getaddrinfo(host, *args, **kwargs)
+socket.getaddrinfo = getaddrinfo
+"""
+
+
+@pytest.mark.parametrize("name", ["compat.test", "sixtofour.test"])
+def test_a_name_resolving_to_an_ipv6_spelling_of_the_metadata_address_is_refused_before_dialling(
+    start_proxy, tmp_path, name
+):
+    (tmp_path / "sitecustomize.py").write_text(RESOLVES_TO_METADATA)
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    proxy = start_proxy("--upstream-scheme", "http", env={"PYTHONPATH": pythonpath})
+    client = Client(proxy.port)
+    try:
+        client.send(get("/latest/meta-data/", f"X-Upstream-Host: {name}"))
+        answer = client.response()
+    finally:
+        client.close()
+    assert (answer.status, answer.body) == (403, b"upstream not allowed\n")
+    record = proxy.wait_for_record(lambda r: r.get("msg") == "upstream address refused")
+    assert name in record["error"]
