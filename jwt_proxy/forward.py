@@ -99,8 +99,11 @@ BODY_IDLE_TIMEOUT_S = 300.0
 #: mode evicts the least recently used host's idle connections past this.
 MAX_UPSTREAM_POOLS = 10
 #: More interim (1xx) responses than this before the final one is an upstream fault
-#: (Go's net/http stops at 5 too).
+#: (Go's net/http stops at 5 too). ``100 Continue`` is counted apart: an upstream may
+#: send one now and then while it works, and the head deadline bounds them.
 MAX_INTERIM_RESPONSES = 5
+#: More ``100 Continue`` responses than this in one head is an upstream looping on them.
+MAX_CONTINUE_RESPONSES = 1000
 #: Default size of one read from the upstream body: an upper bound, read1 returns what
 #: one recv gave.
 BODY_CHUNK_BYTES = 65536
@@ -594,7 +597,7 @@ class _FinalResponse(http.client.HTTPResponse):
 
     :meth:`begin` reads status lines and header blocks through the socket file's buffer
     (so the body's first bytes stay there for http.client's body reads), skips up to
-    :data:`MAX_INTERIM_RESPONSES` interim responses (``100 Continue`` included), refuses
+    :data:`MAX_INTERIM_RESPONSES` interim responses (and ``100 Continue``s), refuses
     a ``101`` nobody asked for and ambiguous framing, then sets the attributes
     http.client's own ``begin`` sets and its body reads use (``chunked``, ``length``,
     ``will_close``...): there is no public way to hand it a head read elsewhere.
@@ -620,15 +623,20 @@ class _FinalResponse(http.client.HTTPResponse):
     def begin(self) -> None:
         if self.headers is not None:
             return
-        for _ in range(MAX_INTERIM_RESPONSES + 1):
+        interim = continues = 0
+        while True:
             lines = _split_lines(read_head(self.fp, self._deadline, self._settimeout))
             if len(lines) > _MAX_HEADERS + 2:
                 raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
             version, status, reason = parse_status_line(lines[0])
             if not 100 <= status < 200 or status == 101:
                 break
-        else:
-            raise http.client.HTTPException(f"more than {MAX_INTERIM_RESPONSES} interim responses")
+            if status == 100:
+                continues += 1
+            else:
+                interim += 1
+            if interim > MAX_INTERIM_RESPONSES or continues > MAX_CONTINUE_RESPONSES:
+                raise http.client.HTTPException("too many interim responses")
         if status == 101 and not self._upgrade_requested:
             raise UnexpectedUpgrade("101 Switching Protocols to a request without Upgrade")
         if version in ("HTTP/1.0", "HTTP/0.9"):

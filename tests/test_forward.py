@@ -554,6 +554,37 @@ def test_endless_interim_responses_are_an_upstream_error(session):
             forward.send(session, request(upstream.url, "/"), timeout_s=TIMEOUT_S)
 
 
+def test_a_stream_of_100_continue_is_bounded_by_the_head_deadline_not_a_count(session):
+    """Ten and more ``100``s (more than the limit on other interim responses) end in a
+    timeout at the deadline, not earlier and not later."""
+
+    def continues(seen: RecordedRequest, sock: socket.socket) -> bool:
+        for _ in range(40):
+            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            time.sleep(0.1)
+        return False
+
+    with RecordingUpstream(continues) as upstream:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            forward.send(session, request(upstream.url, "/"), timeout_s=1.5)
+        assert 1.4 < time.monotonic() - started < 2.5
+
+
+def test_a_head_dripped_byte_by_byte_is_bounded_by_the_head_deadline(session):
+    def drip(seen: RecordedRequest, sock: socket.socket) -> bool:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 100 + b"\r\nContent-Length: 0\r\n\r\n":
+            sock.sendall(bytes([byte]))
+            time.sleep(0.05)
+        return False
+
+    with RecordingUpstream(drip) as upstream:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            forward.send(session, request(upstream.url, "/"), timeout_s=1.5)
+        assert time.monotonic() - started < 2.5
+
+
 # -- failures -----------------------------------------------------------------------------
 
 
