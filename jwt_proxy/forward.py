@@ -527,29 +527,6 @@ _MAX_HEADER_LINE = getattr(http.client, "_MAXLINE", 65536)
 _MAX_HEADERS = getattr(http.client, "_MAXHEADERS", 100)
 
 
-def parse_header_block(fp: t.BinaryIO) -> http.client.HTTPMessage:
-    """:func:`http.client.parse_headers`, without the email parser when it is not needed.
-
-    http.client reads the header lines and hands them to ``email.parser``, which costs
-    about a twentieth of a proxied request's CPU (bench/). When every line is a plain
-    ``name: value`` (no folding, no stray CR, no odd name), the message is built here,
-    with exactly the values the parser would give (``compat32``: leading blanks and the
-    line end stripped, nothing else); any other block goes to the parser, so defects
-    and odd lines are handled exactly as before.
-    """
-    lines = []
-    while True:
-        line = fp.readline(_MAX_HEADER_LINE + 1)
-        if len(line) > _MAX_HEADER_LINE:
-            raise http.client.LineTooLong("header line")
-        lines.append(line)
-        if len(lines) > _MAX_HEADERS:
-            raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
-        if line in (b"\r\n", b"\n", b""):
-            break
-    return header_block_message(lines)
-
-
 def header_block_message(lines: list[bytes]) -> http.client.HTTPMessage:
     """The :class:`http.client.HTTPMessage` for header ``lines`` (the terminating blank
     line, or ``b""`` at the end of the stream, last), as ``email.parser`` makes it."""
@@ -557,9 +534,16 @@ def header_block_message(lines: list[bytes]) -> http.client.HTTPMessage:
 
 
 def header_block(lines: list[bytes]) -> tuple[http.client.HTTPMessage, list[tuple[str, str]]]:
-    """:func:`header_block_message`, and the message's ``items()``: on the fast path they
-    are the pairs just parsed (``compat32`` hands such values back unchanged), so the
-    message is not read back line by line."""
+    """:func:`header_block_message`, and the message's ``items()``.
+
+    http.client hands header lines to ``email.parser``, which costs about a twentieth
+    of a proxied request's CPU (bench/). When every line is a plain ``name: value`` (no
+    folding, no stray CR, no odd name), the message is built here, with exactly the
+    values the parser would give (``compat32``: leading blanks and the line end
+    stripped, nothing else), and the items are the pairs just parsed (``compat32``
+    hands such values back unchanged); any other block goes to the parser, so defects
+    and odd lines are handled exactly as http.client handles them.
+    """
     message = http.client.HTTPMessage()
     items = []
     for raw in lines[:-1]:
@@ -625,9 +609,12 @@ class _FinalResponse(http.client.HTTPResponse):
             return
         interim = continues = 0
         while True:
-            lines = _split_lines(read_head(self.fp, self._deadline, self._settimeout))
+            head = read_head(self.fp, self._deadline, self._settimeout)
+            lines = _split_lines(head)
             if len(lines) > _MAX_HEADERS + 2:
                 raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
+            if len(head) > _MAX_HEADER_LINE and max(map(len, lines)) > _MAX_HEADER_LINE:
+                raise http.client.LineTooLong("header line")
             version, status, reason = parse_status_line(lines[0])
             if not 100 <= status < 200 or status == 101:
                 break
@@ -720,8 +707,6 @@ def _split_lines(head: bytes) -> list[bytes]:
 def parse_status_line(line: bytes) -> tuple[str, int, str]:
     """``(version, status, reason)`` of a status line, as http.client reads it, but the
     status must be three digits."""
-    if len(line) > _MAX_HEADER_LINE:
-        raise http.client.LineTooLong("status line")
     text = str(line, "iso-8859-1")
     version, _, rest = text.partition(" ")
     code, _, reason = rest.lstrip(" ").partition(" ")
