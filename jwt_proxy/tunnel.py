@@ -14,9 +14,9 @@ and ``environ["gunicorn.socket"]`` is the client's socket. So for an opening han
    with the session's context (:func:`jwt_proxy.forward.make_ssl_context`);
 2. sends the handshake: the client's headers filtered as for any request, the token,
    then ``Connection: Upgrade`` and ``Upgrade: websocket`` added back;
-3. reads the response head within ``--upstream-timeout``, skipping interim responses;
-   anything but a ``101`` to ``websocket`` is an ordinary response (a refusal) and goes
-   back to the client as one;
+3. reads the response head within ``--upstream-timeout`` (one deadline for all of
+   it), skipping interim responses; anything but a ``101`` to ``websocket`` is an
+   ordinary response (a refusal) and goes back to the client as one;
 4. after a ``101``, relays bytes both ways (:func:`relay`) on the one worker thread
    that serves the request, until either side closes or nothing moves for
    :data:`~jwt_proxy.forward.BODY_IDLE_TIMEOUT_S`, then closes both.
@@ -208,9 +208,10 @@ def open_tunnel(
     ``headers`` are the final request lines (``Host``, ``Authorization``,
     ``X-Forwarded-For`` included) minus hop-by-hop ones; :data:`UPGRADE_HEADERS` are added
     here. ``timeout_s`` bounds the connection, the TLS handshake and each read, and the
-    whole response head is due ``timeout_s`` after the start. Raises :class:`forward.UpstreamForbidden` before dialling a refused
-    address, and :class:`forward.UpstreamTimeout`/:class:`forward.UpstreamUnavailable`
-    as :func:`forward.send` does, also for a ``101`` to another protocol.
+    whole response head is due ``timeout_s`` after the start. Raises
+    :class:`forward.UpstreamForbidden` before dialling a refused address, and
+    :class:`forward.UpstreamTimeout`/:class:`forward.UpstreamUnavailable` as
+    :func:`forward.send` does, also for a ``101`` to another protocol.
     """
     if not _ORIGIN_FORM_RE.match(target):
         raise ValueError("request target must be origin-form printable ASCII (starting with '/')")
