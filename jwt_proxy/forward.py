@@ -643,7 +643,8 @@ class _FinalResponse(http.client.HTTPResponse):
         self.chunk_left = None
         self.length = framing.length
         self.will_close = framing.close
-        # RFC 9110 6.4.1: no body, whatever the headers say.
+        # RFC 9110 6.4.1: no body, whatever the headers say. (_method: the request method
+        # http.client's own begin reads; the response offers no public name for it.)
         if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
             self.length = 0
         if not self.chunked and self.length is None:
