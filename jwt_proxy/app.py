@@ -20,6 +20,8 @@ import typing as t
 from flask import Flask
 from flask import Response
 from flask import request
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter
 from werkzeug.wsgi import ClosingIterator
 
@@ -30,8 +32,11 @@ from . import tunnel
 from .headers import append_forwarded_for
 from .headers import filter_request_headers
 from .headers import request_framing_error
+from .inbound import limit_chunk_sizes
+from .inbound import oversized_chunk_ahead
 from .logs import exception_fields
 from .routing import BODY_FORBIDDEN
+from .routing import BODY_INVALID_TARGET
 from .routing import DEFAULT_PORTS
 from .routing import RoutingError
 from .routing import choose_upstream
@@ -60,6 +65,7 @@ BODY_UPSTREAM_UNAVAILABLE = "upstream unavailable"
 BODY_UPSTREAM_TIMEOUT = "upstream timeout"
 BODY_INTERNAL_ERROR = "internal error"
 BODY_BAD_REQUEST_BODY = "incomplete request body"
+BODY_INVALID_CHUNKED = "invalid chunked body"
 
 
 class ProxyResponse(Response):
@@ -217,8 +223,11 @@ class Proxy:
         if method == "CONNECT":
             raise RoutingError(405, BODY_METHOD_NOT_ALLOWED)
         transfer_encoding = environ.get("HTTP_TRANSFER_ENCODING")
-        framing_error = request_framing_error(transfer_encoding)
+        framing_error = request_framing_error(transfer_encoding, environ.get("CONTENT_LENGTH"))
+        if framing_error is None and transfer_encoding is not None and oversized_chunk_ahead(environ):
+            framing_error = BODY_INVALID_CHUNKED
         if framing_error is not None:
+            close_client_connection(environ)  # where its body ends is not known
             raise RoutingError(400, framing_error)
         target = request_target(environ.get("RAW_URI") or _target_from_path(environ))
         path = environ[PATH_KEY] = strip_query(target)
@@ -247,6 +256,8 @@ class Proxy:
         headers.append(("Authorization", f"Bearer {token.value}"))
 
         chunked = transfer_encoding is not None  # exactly "chunked", see request_framing_error
+        if chunked:
+            limit_chunk_sizes(environ)
         content_length = None if chunked else request.content_length
         has_body = chunked or content_length is not None
         if not has_body and "gunicorn.socket" in environ and tunnel.is_websocket_upgrade(method, inbound):
@@ -383,6 +394,23 @@ def _target_from_path(environ: dict[str, t.Any]) -> str:
     return f"{path}?{query}" if query else path
 
 
+#: Set in the WSGI environ when the client connection must close after this response.
+CLOSE_KEY = "jwt_proxy.close"
+
+
+def close_client_connection(environ: dict[str, t.Any]) -> None:
+    """Close the client connection after this response (it then says ``Connection:
+    close``): its request's end is not known, or what the upstream did cannot be told."""
+    environ[CLOSE_KEY] = True
+
+
+def _must_close(environ: dict[str, t.Any]) -> bool:
+    """Whether the server cannot serve another request on this connection: the app said
+    so, or reading the request body failed (gunicorn's ``Body.failed``: where the next
+    request would start is unknown, and gunicorn closes it)."""
+    return environ.get(CLOSE_KEY) is True or getattr(environ.get("wsgi.input"), "failed", False) is True
+
+
 # Where the view leaves the request's path (no query) and upstream URL (no query) in the
 # WSGI environ, for the access record and the error records.
 PATH_KEY = "jwt_proxy.path"
@@ -432,6 +460,13 @@ class _Exchange:
 
     def start_response(self, status: str, headers: list, exc_info: t.Any = None) -> t.Callable:
         self._status = status
+        if _must_close(self._environ):
+            # gunicorn's start_response is its Response's bound method; its force_close()
+            # makes the head say "Connection: close". WSGI has no way to say it (the
+            # server drops an app's Connection header).
+            force_close = getattr(getattr(self._start_response, "__self__", None), "force_close", None)
+            if force_close is not None:
+                force_close()
         return self._start_response(status, headers, exc_info)
 
     def __iter__(self) -> t.Iterator[bytes]:
@@ -488,6 +523,8 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(forward.UpstreamError)
     def upstream_error(exc: forward.UpstreamError):
+        if exc.closes_client:
+            close_client_connection(request.environ)
         log.error(
             "upstream request failed",
             extra={"target": _target(), "error_type": exc.error_type, "error": str(exc)},
@@ -505,7 +542,18 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(forward.RequestBodyError)
     def request_body_error(exc: forward.RequestBodyError):
         log.warning("request body not received", extra={"target": _target(), "error": str(exc)})
+        close_client_connection(request.environ)
+        if isinstance(exc.__cause__, inbound.CHUNK_ERRORS):
+            return _plain(400, BODY_INVALID_CHUNKED)
         return _plain(400, BODY_BAD_REQUEST_BODY)
+
+    @app.errorhandler(HTTPException)
+    def routing_failure(exc: HTTPException):
+        # The catch-all rule matches every path that starts with "/": what it does not
+        # match is a target without one (absolute form without a path, "*").
+        if isinstance(exc, NotFound):
+            return _plain(400, BODY_INVALID_TARGET)
+        return _plain(exc.code or 400, (exc.name or "bad request").lower())
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

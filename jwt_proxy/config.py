@@ -22,7 +22,6 @@ from .routing import Allowlist
 from .routing import Authority
 from .routing import Upstream
 from .routing import is_loopback_host
-from .routing import is_restricted_address
 from .routing import literal_address
 from .routing import parse_authority
 
@@ -516,7 +515,7 @@ def _check_pinned(text: str, upstream: Authority, scheme: str, allowlist: Allowl
     if not allowlist.allows(Upstream(scheme, upstream)):
         raise ConfigError("--upstream-host", text, "not matched by --allowed-upstream-hosts")
     address = literal_address(upstream.host)
-    if address is not None and is_restricted_address(address) and not allowlist.names_address(address):
+    if address is not None and allowlist.refuses_address(address):
         raise ConfigError(
             "--upstream-host",
             text,

@@ -15,9 +15,12 @@ timeouts) and switches the rest off:
 - body framing is decided here from the body actually streamed, never copied (P2);
 - responses are read undecoded, one ``recv`` at a time, with the upstream's header lines
   as they came; redirects are returned, never followed;
-- interim ``1xx`` responses (``102``, ``103 Early Hints``) are skipped like ``100``:
-  ``http.client`` would otherwise return the ``103`` as *the* response and leave the
-  real one in the pooled socket, to be read as the answer to another client's request.
+- the response head is read by :class:`_FinalResponse` under one deadline
+  (``timeout_s`` from the connect or the reuse of a pooled connection to its last
+  byte), interim ``1xx`` responses skipped (``http.client`` would return a ``103`` as
+  *the* response and leave the real one in the pooled socket, to be read as the answer
+  to another client's request); ambiguous framing and a ``101`` nobody asked for make
+  the exchange fail and the connection close (RFC 9112 6.3).
 
 Every new connection is checked before it is made (:class:`AddressPolicy`): the host is
 resolved once, every address it resolves to is checked, and only those checked
@@ -27,8 +30,8 @@ spelling, ``fd00:ec2::254``, a DNS name that resolves there) is refused with
 ``HTTP(S)_PROXY`` the connection goes to the proxy, which resolves the target: there a
 target written as an IP address is checked, a name is left to the proxy.
 
-Failures before the response headers become :class:`UpstreamError` (mapped to 502/504 by
-the caller); failures while streaming the body are raised from
+Failures before the response head is complete become :class:`UpstreamError` (mapped to
+502/504 by the caller); failures while streaming the body are raised from
 :meth:`UpstreamResponse.iter_body` so the server aborts the client connection instead of
 finishing a truncated body.
 """
@@ -46,7 +49,7 @@ import re
 import socket
 import ssl
 import sys
-import types
+import time
 import typing as t
 from dataclasses import dataclass
 from dataclasses import field
@@ -78,9 +81,10 @@ from urllib3.util.ssl_ import create_urllib3_context
 from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
 from .headers import filter_response_headers
+from .headers import response_framing
 from .routing import IPAddress
 from .routing import canonical_address
-from .routing import is_restricted_address
+from .routing import is_refused_address
 from .routing import literal_address
 
 #: Socket read timeout once the response headers are in. ``--upstream-timeout`` bounds the
@@ -95,8 +99,11 @@ BODY_IDLE_TIMEOUT_S = 300.0
 #: mode evicts the least recently used host's idle connections past this.
 MAX_UPSTREAM_POOLS = 10
 #: More interim (1xx) responses than this before the final one is an upstream fault
-#: (Go's net/http stops at 5 too).
+#: (Go's net/http stops at 5 too). ``100 Continue`` is counted apart: an upstream may
+#: send one now and then while it works, and the head deadline bounds them.
 MAX_INTERIM_RESPONSES = 5
+#: More ``100 Continue`` responses than this in one head is an upstream looping on them.
+MAX_CONTINUE_RESPONSES = 1000
 #: Default size of one read from the upstream body: an upper bound, read1 returns what
 #: one recv gave.
 BODY_CHUNK_BYTES = 65536
@@ -125,9 +132,11 @@ class UpstreamError(Exception):
 
     status: int = 502
 
-    def __init__(self, message: str, *, error_type: str) -> None:
+    def __init__(self, message: str, *, error_type: str, closes_client: bool = False) -> None:
         super().__init__(message)
         self.error_type = error_type
+        #: The client connection must close too (the upstream switched protocols).
+        self.closes_client = closes_client
 
 
 class UpstreamTimeout(UpstreamError):
@@ -189,9 +198,9 @@ class UpstreamResponse:
     """
 
     def __init__(
-        self, raw: http.client.HTTPResponse, *, method: str, host: str, release: t.Callable[[bool], None]
+        self, raw: _FinalResponse, *, method: str, host: str, release: t.Callable[[bool], None]
     ) -> None:
-        lines = raw.msg.items()
+        lines = raw.header_lines
         self.status: int = raw.status
         self.reason: str = raw.reason or ""
         self.headers: list[tuple[str, str]] = filter_response_headers(lines)
@@ -279,8 +288,27 @@ class AddressPolicy:
         resolver = self.resolver or socket.getaddrinfo
         return list(resolver(host, port, allowed_gai_family(), socket.SOCK_STREAM))
 
-    def refuses(self, address: IPAddress) -> bool:
-        return is_restricted_address(address) and canonical_address(address) not in self.allowed
+    def refuses(self, address: IPAddress | None) -> bool:
+        return is_refused_address(address, self.allowed)
+
+    def resolve_checked(self, host: str, port: int) -> list[tuple[t.Any, ...]]:
+        """``host`` resolved once, every address checked: :class:`UpstreamForbidden` if
+        any is refused, else the ``getaddrinfo`` entries to dial (and only those)."""
+        infos = self.resolve(host, port)
+        for info in infos:
+            address = _sockaddr_address(info[4])
+            if self.refuses(address):
+                raise UpstreamForbidden(
+                    f"upstream {host}:{port}: resolves to {address or info[4]!r}, a link-local or metadata address"
+                )
+        return infos
+
+    def check_literal(self, host: str) -> None:
+        """Through an egress proxy, which resolves names itself: refuse ``host`` when it
+        is written as a refused address (a name is left to the proxy)."""
+        address = literal_address(host)
+        if address is not None and self.refuses(address):
+            raise UpstreamForbidden(f"upstream {host}: {address} is a link-local or metadata address")
 
 
 # The policy of the session whose request this thread is sending; set only around
@@ -371,8 +399,8 @@ def _environ_proxies(base_url: str, _variables: tuple[str | None, ...]) -> dict[
 def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: float) -> UpstreamResponse:
     """Send ``request`` and return once the upstream's response headers are in.
 
-    ``timeout_s`` bounds the connection and each wait for the response headers; the body
-    then has :data:`BODY_IDLE_TIMEOUT_S` between reads. Proxies come from
+    ``timeout_s`` bounds the connection and the whole response head (time spent
+    streaming the client's body aside); the body then has :data:`BODY_IDLE_TIMEOUT_S` between reads. Proxies come from
     ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` (see :meth:`_ProxyAdapter.proxy_for`). Raises
     :class:`UpstreamTimeout`, :class:`UpstreamUnavailable`, :class:`RequestBodyError`,
     or ``ValueError`` for a request the caller should not have built (a target that is
@@ -389,9 +417,7 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
     if proxy:
         # The proxy resolves and dials the target: only an address literal can be
         # checked here (a direct connection is checked in _RawTargetConnection).
-        address = literal_address(upstream.host or "")
-        if address is not None and adapter.policy.refuses(address):
-            raise UpstreamForbidden(f"upstream {upstream.netloc}: {address} is a link-local or metadata address")
+        adapter.policy.check_literal(upstream.host or "")
     try:
         raw, release = adapter.open(
             request.method, upstream, request.target, headers, body, timeout_s=timeout_s, proxy=proxy
@@ -400,6 +426,7 @@ def send(session: requests.Session, request: UpstreamRequest, *, timeout_s: floa
         raise
     except (requests.RequestException, Urllib3Error, OSError, http.client.HTTPException) as exc:
         error = _upstream_error(exc, upstream.netloc, f"response headers (timeout {timeout_s:g}s)")
+        error.closes_client = isinstance(exc, UnexpectedUpgrade)
     else:
         return UpstreamResponse(raw, method=request.method, host=upstream.netloc, release=release)
     # Raised outside the except block so that neither __cause__ nor __context__ holds
@@ -500,64 +527,194 @@ _MAX_HEADER_LINE = getattr(http.client, "_MAXLINE", 65536)
 _MAX_HEADERS = getattr(http.client, "_MAXHEADERS", 100)
 
 
-def parse_header_block(fp: t.BinaryIO) -> http.client.HTTPMessage:
-    """:func:`http.client.parse_headers`, without the email parser when it is not needed.
-
-    http.client reads the header lines and hands them to ``email.parser``, which costs
-    about a twentieth of a proxied request's CPU (bench/). When every line is a plain
-    ``name: value`` (no folding, no stray CR, no odd name), the message is built here,
-    with exactly the values the parser would give (``compat32``: leading blanks and the
-    line end stripped, nothing else); any other block goes to the parser, so defects
-    and odd lines are handled exactly as before.
-    """
-    lines = []
-    while True:
-        line = fp.readline(_MAX_HEADER_LINE + 1)
-        if len(line) > _MAX_HEADER_LINE:
-            raise http.client.LineTooLong("header line")
-        lines.append(line)
-        if len(lines) > _MAX_HEADERS:
-            raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
-        if line in (b"\r\n", b"\n", b""):
-            break
-    return header_block_message(lines)
-
-
 def header_block_message(lines: list[bytes]) -> http.client.HTTPMessage:
     """The :class:`http.client.HTTPMessage` for header ``lines`` (the terminating blank
     line, or ``b""`` at the end of the stream, last), as ``email.parser`` makes it."""
+    return header_block(lines)[0]
+
+
+def header_block(lines: list[bytes]) -> tuple[http.client.HTTPMessage, list[tuple[str, str]]]:
+    """:func:`header_block_message`, and the message's ``items()``.
+
+    http.client hands header lines to ``email.parser``, which costs about a twentieth
+    of a proxied request's CPU (bench/). When every line is a plain ``name: value`` (no
+    folding, no stray CR, no odd name), the message is built here, with exactly the
+    values the parser would give (``compat32``: leading blanks and the line end
+    stripped, nothing else), and the items are the pairs just parsed (``compat32``
+    hands such values back unchanged); any other block goes to the parser, so defects
+    and odd lines are handled exactly as http.client handles them.
+    """
     message = http.client.HTTPMessage()
+    items = []
     for raw in lines[:-1]:
         text = raw.decode("iso-8859-1")
         body = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
         name = _PLAIN_HEADER_NAME.match(body)
         if name is None or "\r" in body or "\n" in body or body.startswith("From "):
-            return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(
+            message = email.parser.Parser(_class=http.client.HTTPMessage).parsestr(
                 b"".join(lines).decode("iso-8859-1")
             )
-        message.set_raw(body[: name.end() - 1], body[name.end() :].lstrip(" \t"))
-    return message
+            return message, message.items()
+        pair = (body[: name.end() - 1], body[name.end() :].lstrip(" \t"))
+        message.set_raw(*pair)
+        items.append(pair)
+    return message, items
+
+
+#: Largest response head (status line and header lines) taken from an upstream.
+MAX_RESPONSE_HEAD_BYTES = 1024 * 1024
+
+
+class UnexpectedUpgrade(http.client.HTTPException):
+    """A ``101 Switching Protocols`` to a request that asked for no upgrade: what follows
+    on the connection is not HTTP the proxy could pass on."""
+
+
+class AmbiguousFraming(http.client.HTTPException):
+    """A response whose body length cannot be known for sure (RFC 9112 6.3): several
+    differing ``Content-Length`` values, an invalid one, or one next to
+    ``Transfer-Encoding``. Its connection is closed, never reused."""
 
 
 class _FinalResponse(http.client.HTTPResponse):
-    """Skips interim responses other than 100 (which ``begin`` skips) and 101, and
-    parses header blocks with :func:`parse_header_block`."""
+    """http.client's response whose head is read here, under one deadline.
 
-    # The running Python's own HTTPResponse.begin, its module globals but for
-    # parse_headers: no copy of the stdlib code to drift from it.
-    begin = types.FunctionType(
-        http.client.HTTPResponse.begin.__code__,
-        {**vars(http.client), "parse_headers": parse_header_block},
-        "begin",
-    )
+    :meth:`begin` reads status lines and header blocks through the socket file's buffer
+    (so the body's first bytes stay there for http.client's body reads), skips up to
+    :data:`MAX_INTERIM_RESPONSES` interim responses (and ``100 Continue``s), refuses
+    a ``101`` nobody asked for and ambiguous framing, then sets the attributes
+    http.client's own ``begin`` sets and its body reads use (``chunked``, ``length``,
+    ``will_close``...): there is no public way to hand it a head read elsewhere.
+    ``deadline`` (``time.monotonic``) bounds the whole head, every read included, so an
+    upstream dripping its head or sending ``100`` after ``100`` cannot extend it.
+    """
 
-    def _read_status(self) -> tuple[str, int, str]:
-        for _ in range(MAX_INTERIM_RESPONSES + 1):
-            version, status, reason = super()._read_status()
-            if not 100 < status < 200 or status == 101:
-                return version, status, reason
-            parse_header_block(self.fp)  # the interim response's header block
-        raise http.client.HTTPException(f"more than {MAX_INTERIM_RESPONSES} interim responses")
+    def __init__(
+        self,
+        sock: t.Any,
+        debuglevel: int = 0,
+        method: str | None = None,
+        url: str | None = None,
+        *,
+        deadline: float | None = None,
+        upgrade_requested: bool = False,
+    ) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        self._settimeout = getattr(sock, "settimeout", None)
+        self._deadline = deadline
+        self._upgrade_requested = upgrade_requested
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        interim = continues = 0
+        while True:
+            head = read_head(self.fp, self._deadline, self._settimeout)
+            lines = _split_lines(head)
+            if len(lines) > _MAX_HEADERS + 2:
+                raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
+            if len(head) > _MAX_HEADER_LINE and max(map(len, lines)) > _MAX_HEADER_LINE:
+                raise http.client.LineTooLong("header line")
+            version, status, reason = parse_status_line(lines[0])
+            if not 100 <= status < 200 or status == 101:
+                break
+            if status == 100:
+                continues += 1
+            else:
+                interim += 1
+            if interim > MAX_INTERIM_RESPONSES or continues > MAX_CONTINUE_RESPONSES:
+                raise http.client.HTTPException("too many interim responses")
+        if status == 101 and not self._upgrade_requested:
+            raise UnexpectedUpgrade("101 Switching Protocols to a request without Upgrade")
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        self.headers, self.header_lines = header_block(lines[1:])
+        self.msg = self.headers
+        framing = response_framing(self.header_lines, http_1_0=self.version == 10)
+        if framing.error is not None:
+            raise AmbiguousFraming(framing.error)
+        self.chunked = framing.chunked
+        self.chunk_left = None
+        self.length = framing.length
+        self.will_close = framing.close
+        # RFC 9110 6.4.1: no body, whatever the headers say. (_method: the request method
+        # http.client's own begin reads; the response offers no public name for it.)
+        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.chunked and self.length is None:
+            self.will_close = True  # the body ends when the connection does
+
+
+def read_head(fp: t.Any, deadline: float | None, settimeout: t.Callable[[float], None] | None) -> bytes:
+    """One response head from ``fp``, status line to blank line included.
+
+    Through ``fp``'s buffer (``peek``, then ``read`` of what belongs to the head), so
+    nothing past the head is taken; an unbuffered ``fp`` is read a byte at a time. Before
+    every read the socket's timeout is set to what is left until ``deadline``.
+    """
+    block = bytearray()
+    peek = getattr(fp, "peek", None)
+    while True:
+        if deadline is not None and settimeout is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the response head did not complete before the deadline")
+            settimeout(remaining)
+        data = peek(1) if peek is not None else fp.read(1)
+        if not data:
+            if not block:
+                raise http.client.RemoteDisconnected("Remote end closed connection without response")
+            raise http.client.IncompleteRead(bytes(block))
+        searched = max(0, len(block) - 2)
+        block += data
+        end = _head_end(block, searched)
+        if end < 0:
+            if peek is not None:
+                fp.read(len(data))
+            if len(block) > MAX_RESPONSE_HEAD_BYTES:
+                raise http.client.LineTooLong("response head")
+            continue
+        if peek is not None:
+            fp.read(len(data) - (len(block) - end))
+        del block[end:]
+        return bytes(block)
+
+
+def _head_end(block: bytearray, start: int) -> int:
+    """Where the head in ``block`` ends (after its blank line), or -1."""
+    crlf = block.find(b"\n\r\n", start)
+    lf = block.find(b"\n\n", start)
+    if crlf < 0:
+        return lf + 2 if lf >= 0 else -1
+    if 0 <= lf < crlf:
+        return lf + 2
+    return crlf + 3
+
+
+def _split_lines(head: bytes) -> list[bytes]:
+    """The head's lines with their line ends, split on LF only (as ``readline`` does: a
+    lone CR stays inside its line)."""
+    parts = head.split(b"\n")
+    parts.pop()  # the head ends with LF
+    return [part + b"\n" for part in parts]
+
+
+def parse_status_line(line: bytes) -> tuple[str, int, str]:
+    """``(version, status, reason)`` of a status line, as http.client reads it, but the
+    status must be three digits."""
+    text = str(line, "iso-8859-1")
+    version, _, rest = text.partition(" ")
+    code, _, reason = rest.lstrip(" ").partition(" ")
+    code = code.rstrip("\r\n")
+    if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit() or not code.isascii():
+        raise http.client.BadStatusLine(text)
+    return version, int(code), reason.rstrip("\r\n")
 
 
 class _RawTargetConnection(HTTPConnection):
@@ -569,7 +726,14 @@ class _RawTargetConnection(HTTPConnection):
     still refuses control characters and spaces in it.
     """
 
-    response_class = _FinalResponse
+    #: When the response head must be complete (``time.monotonic``), set by
+    #: :func:`_exchange` for each request.
+    head_deadline: float | None = None
+
+    def response_class(self, sock: t.Any, debuglevel: int = 0, method: str | None = None) -> _FinalResponse:
+        """What ``getresponse`` reads the head with (any callable may stand here): a
+        :class:`_FinalResponse` bound to this request's deadline."""
+        return _FinalResponse(sock, debuglevel, method=method, deadline=self.head_deadline)
 
     def _new_conn(self) -> socket.socket:
         """Resolve once, check every address, then dial only the checked ones.
@@ -582,16 +746,9 @@ class _RawTargetConnection(HTTPConnection):
             return super()._new_conn()
         policy = _ADDRESS_POLICY.get() or AddressPolicy()
         try:
-            infos = policy.resolve(self._dns_host.strip("[]"), self.port)
+            infos = policy.resolve_checked(self._dns_host.strip("[]"), self.port)
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc
-        for info in infos:
-            address = _sockaddr_address(info[4])
-            if address is None or policy.refuses(address):
-                raise UpstreamForbidden(
-                    f"upstream {self.host}:{self.port}: resolves to {address or info[4]!r},"
-                    " a link-local or metadata address"
-                )
         try:
             sock = _connect_first(infos, self.timeout, self.source_address, self.socket_options)
         except socket.timeout as exc:
@@ -603,9 +760,9 @@ class _RawTargetConnection(HTTPConnection):
         sys.audit("http.client.connect", self, self.host, self.port)
         return sock
 
-    def read_head(self) -> http.client.HTTPResponse:
-        """http.client's response to the request just sent, once its head is in (the
-        request's timeout applies); then the socket gets the body idle timeout.
+    def read_head(self) -> _FinalResponse:
+        """http.client's response to the request just sent, once its head is in (by
+        :attr:`head_deadline`); then the socket gets the body idle timeout.
 
         Taken before: http.client drops ``self.sock`` when the response says
         ``Connection: close``, and such a body (read until close) must get the long
@@ -746,7 +903,7 @@ class _ProxyAdapter(HTTPAdapter):
         *,
         timeout_s: float,
         proxy: str | None,
-    ) -> tuple[http.client.HTTPResponse, t.Callable[[bool], None]]:
+    ) -> tuple[_FinalResponse, t.Callable[[bool], None]]:
         """Send one request on a pooled connection; return when the response head is in,
         with the function that gives the connection back (``True``: it can be reused).
 
@@ -773,7 +930,7 @@ class _ProxyAdapter(HTTPAdapter):
 
 def _exchange(
     pool: HTTPConnectionPool, method: str, wire: str, headers: HTTPHeaderDict, body: t.Any, timeout_s: float
-) -> tuple[http.client.HTTPResponse, t.Callable[[bool], None]]:
+) -> tuple[_FinalResponse, t.Callable[[bool], None]]:
     """One request on one of ``pool``'s connections, up to the response head.
 
     What urllib3's ``urlopen`` does for a streamed request without retries or redirects,
@@ -787,14 +944,16 @@ def _exchange(
     if not tunnel and pool.proxy_headers:  # a plain-http forward proxy's credentials
         headers = headers.copy()
         headers.update(pool.proxy_headers)
+    started = time.monotonic()
     conn = pool._get_conn()
     try:
         conn.timeout = timeout_s
         if conn.is_closed:  # new, or dropped while pooled: connect (through a CONNECT tunnel)
             if tunnel:
                 pool._prepare_proxy(conn)
-            elif pool.scheme == "https":
+            else:
                 conn.connect()
+        sending = time.monotonic()
         try:
             conn.request(
                 method, wire, body=body, headers=headers, chunked=isinstance(body, _StreamBody),
@@ -805,6 +964,10 @@ def _exchange(
             # body; its answer is read below all the same.
             if not isinstance(exc, BrokenPipeError) and exc.errno not in (errno.EPROTOTYPE, errno.ECONNRESET):
                 raise
+        # The head is due timeout_s after the connect began (or the pooled connection was
+        # taken); the time the client takes to stream its body is not the upstream's.
+        paused = time.monotonic() - sending if body is not None else 0.0
+        conn.head_deadline = started + timeout_s + paused
         response = conn.read_head()
     except BaseException:
         conn.close()
@@ -841,9 +1004,9 @@ def _upstream_error(exc: BaseException, host: str, waiting_for: str) -> Upstream
     """Classify ``exc`` and describe it without the URL (requests' and urllib3's messages
     carry the full target, query string included)."""
     chain = _exception_chain(exc)
-    # The innermost errors from the standard library (socket, ssl, http.client) say what
-    # happened and never carry the target.
-    stdlib = [e for e in chain if type(e).__module__.split(".")[0] in ("builtins", "socket", "ssl", "http")]
+    # The innermost errors from the standard library (socket, ssl, http.client) and ours
+    # (a response head refused) say what happened and never carry the target.
+    stdlib = [e for e in chain if type(e).__module__.split(".")[0] in ("builtins", "socket", "ssl", "http", "jwt_proxy")]
     detail = f"{type(stdlib[-1]).__name__}: {stdlib[-1]}" if stdlib else type(chain[-1]).__name__
     if any(_is_timeout(e) for e in chain):
         return UpstreamTimeout(f"upstream {host}: timed out waiting for {waiting_for} ({detail})", error_type="timeout")

@@ -79,7 +79,84 @@ def filter_response_headers(headers: t.Iterable[tuple[str, str]]) -> Headers:
     dropped = HOP_BY_HOP | connection_named(lines)
     if any(name.lower() == "transfer-encoding" for name, _ in lines):
         dropped |= {"content-length"}
-    return [(name, value) for name, value in lines if name.lower() not in dropped]
+    kept = []
+    length_kept = False
+    for name, value in lines:
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if lower == "content-length":
+            if length_kept:
+                continue  # repeated lines of one length (checked equal before): one is enough
+            length_kept = True
+        kept.append((name, value))
+    return kept
+
+
+#: Largest body length (``Content-Length``, chunk size) either side may announce: what a
+#: signed 64-bit integer holds. A larger one wraps around in a peer that parses it into
+#: one, and the two then disagree on where the message ends.
+MAX_BODY_LENGTH = 2**63 - 1
+
+
+class ResponseFraming(t.NamedTuple):
+    """How a response's body is delimited: ``length`` (``None`` when not given),
+    ``chunked``, ``close`` (the connection ends after it); ``error`` when that cannot be
+    known for sure (RFC 9112 6.3)."""
+
+    length: int | None
+    chunked: bool
+    close: bool
+    error: str | None = None
+
+
+def response_framing(headers: t.Iterable[tuple[str, str]], *, http_1_0: bool = False) -> ResponseFraming:
+    """The framing of a response with header ``headers``.
+
+    An error for several ``Content-Length`` values that differ, one that is not plain
+    digits (``+5``, ``-1``, ``5, 6``) or is above :data:`MAX_BODY_LENGTH`, and a
+    ``Content-Length`` next to a ``Transfer-Encoding``. Repeated lines with the same
+    length are one length. ``chunked`` when the ``Transfer-Encoding`` is exactly
+    ``chunked``, as http.client decodes it. ``close`` follows ``Connection`` (and, for
+    HTTP/1.0, ``Keep-Alive``).
+    """
+    length: int | None = None
+    transfer_encoding: str | None = None
+    connection = ""
+    keep_alive_header = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "content-length":
+            number = _decimal_length(value)
+            if number is None:
+                return ResponseFraming(None, False, True, "invalid Content-Length")
+            if length is not None and number != length:
+                return ResponseFraming(None, False, True, "differing Content-Length values")
+            length = number
+        elif lower == "transfer-encoding":
+            transfer_encoding = value if transfer_encoding is None else transfer_encoding
+        elif lower == "connection":
+            connection += "," + value.lower()
+        elif lower == "keep-alive":
+            keep_alive_header = True
+    if length is not None and transfer_encoding is not None:
+        return ResponseFraming(None, False, True, "Content-Length with Transfer-Encoding")
+    chunked = transfer_encoding is not None and transfer_encoding.strip(" \t").lower() == "chunked"
+    if http_1_0:
+        close = not (keep_alive_header or "keep-alive" in connection)
+    else:
+        close = "close" in connection
+    return ResponseFraming(length, chunked, close)
+
+
+def _decimal_length(value: str) -> int | None:
+    """A ``Content-Length`` value as a number: ASCII digits only (no sign, no list),
+    at most :data:`MAX_BODY_LENGTH`; else None."""
+    value = value.strip(" \t")
+    if not value.isdigit() or not value.isascii() or len(value.lstrip("0")) > 19:
+        return None
+    number = int(value)
+    return number if number <= MAX_BODY_LENGTH else None
 
 
 def append_forwarded_for(headers: list[tuple[str, str]], client_addr: str) -> Headers:
@@ -105,7 +182,7 @@ def append_forwarded_for(headers: list[tuple[str, str]], client_addr: str) -> He
     return result
 
 
-def request_framing_error(transfer_encoding: str | None) -> str | None:
+def request_framing_error(transfer_encoding: str | None, content_length: str | None = None) -> str | None:
     """Why a request body's framing cannot be forwarded as it is, or None.
 
     The server in front (gunicorn) already refuses a ``Content-Length`` next to a
@@ -114,10 +191,15 @@ def request_framing_error(transfer_encoding: str | None) -> str | None:
     accept ``gzip, chunked`` or ``identity, chunked`` and hands the app the de-chunked
     bytes, which are still gzip-coded: the upstream hop is re-framed as plain
     ``chunked``, so such a body would arrive with a different meaning. Only a
-    ``Transfer-Encoding`` of exactly ``chunked`` (any case, once) is forwarded.
+    ``Transfer-Encoding`` of exactly ``chunked`` (any case, once) is forwarded. It also
+    accepts any number of digits as a length: one above :data:`MAX_BODY_LENGTH` would
+    wrap around in an upstream that reads it into a 64-bit integer.
 
     :param transfer_encoding: the request's ``Transfer-Encoding`` lines, comma-joined.
+    :param content_length: its ``Content-Length``, as gunicorn let it through.
     """
+    if content_length is not None and _decimal_length(content_length) is None:
+        return "invalid Content-Length"
     if transfer_encoding is None:
         return None
     codings = [coding.strip(" \t").lower() for coding in transfer_encoding.split(",")]

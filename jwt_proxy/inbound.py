@@ -11,8 +11,15 @@ from __future__ import annotations
 import io
 import typing as t
 
+from gunicorn.http import errors
 from gunicorn.http.body import Body
+from gunicorn.http.body import ChunkedReader
 from gunicorn.http.body import LengthReader
+
+from .headers import MAX_BODY_LENGTH
+
+#: gunicorn's errors for a chunked body that breaks its framing.
+CHUNK_ERRORS = (errors.InvalidChunkSize, errors.ChunkMissingTerminator, errors.InvalidChunkExtension)
 
 
 def read_ahead(environ: dict[str, t.Any]) -> bytes:
@@ -73,6 +80,55 @@ class DirectBody:
                 self._body.failed = True
         self._reader.length = remaining - len(data)
         return data
+
+
+def oversized_chunk_ahead(environ: dict[str, t.Any]) -> bool:
+    """Whether a chunk-size line among the bytes gunicorn has already read past the head
+    announces more than :data:`MAX_BODY_LENGTH` bytes.
+
+    A client sends its first chunk with its head: looking at those bytes (never waiting
+    for more) lets such a body be refused before the upstream is dialled. Sizes further
+    on are checked as the body streams (:func:`limit_chunk_sizes`).
+    """
+    # The chunked reader keeps no reference to the parser's unreader; its request does.
+    request = getattr(getattr(environ.get("wsgi.input"), "reader", None), "req", None)
+    buffered = getattr(getattr(request, "unreader", None), "buf", None)
+    if not isinstance(buffered, io.BytesIO):
+        return False
+    data = buffered.getvalue()
+    position = 0
+    while position < len(data):
+        end = data.find(b"\r\n", position)
+        digits = data[position : len(data) if end < 0 else end].split(b";", 1)[0].strip(b" \t")
+        try:
+            size = int(digits, 16) if digits else 0
+        except ValueError:
+            return False  # not a size: gunicorn refuses it when the body is read
+        if size > MAX_BODY_LENGTH:
+            return True
+        if end < 0 or size == 0:
+            return False
+        position = end + 2 + size + 2
+    return False
+
+
+def limit_chunk_sizes(environ: dict[str, t.Any]) -> None:
+    """Make gunicorn's chunked reader of this request refuse a chunk size above
+    :data:`MAX_BODY_LENGTH` (it takes any number of hex digits): the body read then
+    fails with ``InvalidChunkSize``. gunicorn has no setting for this; its reader calls
+    ``parse_chunk_size`` through the instance, so the check is wrapped around it there."""
+    reader = getattr(environ.get("wsgi.input"), "reader", None)
+    parse = getattr(reader, "parse_chunk_size", None)
+    if not isinstance(reader, ChunkedReader) or parse is None:
+        return
+
+    def parse_checked(unreader: t.Any, data: bytes | None = None) -> tuple[int, bytes | None]:
+        size, rest = parse(unreader, data=data)
+        if size > MAX_BODY_LENGTH:
+            raise errors.InvalidChunkSize(b"chunk size above 2**63-1")
+        return size, rest
+
+    reader.parse_chunk_size = parse_checked
 
 
 def direct_body(environ: dict[str, t.Any]) -> DirectBody | None:

@@ -36,8 +36,17 @@ RESTRICTED_NETWORKS = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_netw
 RESTRICTED_ADDRESSES = frozenset(
     ipaddress.IPv6Address(text) for text in ("fd00:ec2::254", "fd00:ec2::23", "fd20:ce::254")
 )
-# RFC 6052 NAT64 prefix: 64:ff9b::a9fe:a9fe reaches 169.254.169.254 through a NAT64 gateway.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 forms that carry an IPv4 address and reach (or route towards) it: IPv4-compatible
+# (::a9fe:a9fe, deprecated but still parsed and routed by some stacks), SIIT
+# IPv4-translated (::ffff:0:a9fe:a9fe) and the NAT64 prefixes (RFC 6052, RFC 8215), all
+# with the IPv4 address in the last 32 bits; 6to4 (2002::/16) has it in bits 16 to 48.
+# (IPv4-mapped ::ffff:a9fe:a9fe is read by canonical_address.)
+_LOW_32_IPV4 = (
+    ipaddress.ip_network("::/96"),
+    ipaddress.ip_network("::ffff:0:0:0/96"),
+    ipaddress.ip_network("64:ff9b::/96"),
+    ipaddress.ip_network("64:ff9b:1::/48"),
+)
 _IPV4_PART = re.compile(r"0[xX][0-9A-Fa-f]+|0[0-7]*|[1-9][0-9]*")
 
 IPAddress = t.Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -170,7 +179,7 @@ def choose_upstream(
     if not allowlist.allows(upstream):
         raise RoutingError(403, BODY_FORBIDDEN)
     address = literal_address(upstream.authority.host)
-    if address is not None and is_restricted_address(address) and not allowlist.names_address(address):
+    if address is not None and allowlist.refuses_address(address):
         raise RoutingError(403, BODY_FORBIDDEN)
     return upstream
 
@@ -224,13 +233,38 @@ def canonical_address(address: IPAddress) -> IPAddress:
 def is_restricted_address(address: IPAddress) -> bool:
     """Whether ``address`` is link-local or a cloud metadata / credential address.
 
-    IPv4-mapped (``::ffff:169.254.169.254``) and NAT64 (``64:ff9b::a9fe:a9fe``) forms
-    count as the IPv4 address they carry.
+    An IPv6 address that carries an IPv4 address (mapped ``::ffff:169.254.169.254``,
+    compatible ``::169.254.169.254``, NAT64 ``64:ff9b::a9fe:a9fe``, 6to4
+    ``2002:a9fe:a9fe::``) counts as that IPv4 address too.
     """
     address = canonical_address(address)
-    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64:
-        address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None and _in_restricted_ranges(embedded):
+            return True
+    return _in_restricted_ranges(address)
+
+
+def is_refused_address(address: IPAddress | None, allowed: frozenset[IPAddress] = frozenset()) -> bool:
+    """The one rule for every upstream address, written or resolved: refused when it is
+    not an address at all (``None``: an unparseable resolver answer), or restricted
+    (:func:`is_restricted_address`) and not named by ``--allowed-upstream-hosts``
+    (``allowed``, in :func:`canonical_address` form)."""
+    if address is None:
+        return True
+    return is_restricted_address(address) and canonical_address(address) not in allowed
+
+
+def _in_restricted_ranges(address: IPAddress) -> bool:
     return address in RESTRICTED_ADDRESSES or any(address in network for network in RESTRICTED_NETWORKS)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in network for network in _LOW_32_IPV4):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 # -- the allowlist --------------------------------------------------------------------
@@ -333,6 +367,10 @@ class Allowlist:
     def names_address(self, address: IPAddress) -> bool:
         return canonical_address(address) in self.addresses
 
+    def refuses_address(self, address: IPAddress) -> bool:
+        """Whether ``address`` may not be reached (:func:`is_refused_address`)."""
+        return is_refused_address(address, self.addresses)
+
 
 def _normalized_host(host: str) -> str:
     return host.lower().rstrip(".")
@@ -350,21 +388,15 @@ def request_target(raw_uri: str) -> str:
     """The path and query to send upstream, exactly as the client wrote them.
 
     Only the origin form (``/path?query``) is accepted. An absolute-form target
-    (``http://other/x``) is what a client sends to a *forward* proxy, and a target that
-    starts with ``//`` reads as a network-path reference (``//host/path``) to every URL
-    parser downstream; both are refused rather than reinterpreted, so the request line
-    can never name a host. ``//`` later in the path (``/x//a``) is kept as sent.
+    (``http://other/x``) is what a client sends to a *forward* proxy: it is refused
+    rather than reinterpreted, so the request line can never name a host. A target that
+    starts with ``//`` is a path like any other: it is never parsed into a URL here, and
+    goes upstream as it came.
 
     :raises RoutingError: 400 for any other form, a fragment, control or non-ASCII
         characters, or an invalid percent-escape.
     """
-    if (
-        not raw_uri.startswith("/")
-        or raw_uri.startswith("//")
-        or not _ORIGIN_FORM.fullmatch(raw_uri)
-        or "#" in raw_uri
-        or _INVALID_ESCAPE.search(raw_uri)
-    ):
+    if not _ORIGIN_FORM.fullmatch(raw_uri) or "#" in raw_uri or _INVALID_ESCAPE.search(raw_uri):
         raise RoutingError(400, BODY_INVALID_TARGET)
     return raw_uri
 

@@ -14,9 +14,9 @@ and ``environ["gunicorn.socket"]`` is the client's socket. So for an opening han
    with the session's context (:func:`jwt_proxy.forward.make_ssl_context`);
 2. sends the handshake: the client's headers filtered as for any request, the token,
    then ``Connection: Upgrade`` and ``Upgrade: websocket`` added back;
-3. reads the response head within ``--upstream-timeout``, skipping interim responses;
-   anything but a ``101`` to ``websocket`` is an ordinary response (a refusal) and goes
-   back to the client as one;
+3. reads the response head within ``--upstream-timeout`` (one deadline for all of
+   it), skipping interim responses; anything but a ``101`` to ``websocket`` is an
+   ordinary response (a refusal) and goes back to the client as one;
 4. after a ``101``, relays bytes both ways (:func:`relay`) on the one worker thread
    that serves the request, until either side closes or nothing moves for
    :data:`~jwt_proxy.forward.BODY_IDLE_TIMEOUT_S`, then closes both.
@@ -207,10 +207,11 @@ def open_tunnel(
 
     ``headers`` are the final request lines (``Host``, ``Authorization``,
     ``X-Forwarded-For`` included) minus hop-by-hop ones; :data:`UPGRADE_HEADERS` are added
-    here. ``timeout_s`` bounds the connection, the TLS handshake and each wait for the
-    response head. Raises :class:`forward.UpstreamForbidden` before dialling a refused
-    address, and :class:`forward.UpstreamTimeout`/:class:`forward.UpstreamUnavailable`
-    as :func:`forward.send` does, also for a ``101`` to another protocol.
+    here. ``timeout_s`` bounds the connection, the TLS handshake and each read, and the
+    whole response head is due ``timeout_s`` after the start. Raises
+    :class:`forward.UpstreamForbidden` before dialling a refused address, and
+    :class:`forward.UpstreamTimeout`/:class:`forward.UpstreamUnavailable` as
+    :func:`forward.send` does, also for a ``101`` to another protocol.
     """
     if not _ORIGIN_FORM_RE.match(target):
         raise ValueError("request target must be origin-form printable ASCII (starting with '/')")
@@ -219,6 +220,7 @@ def open_tunnel(
     hostname = parts.hostname or ""
     port = parts.port or _DEFAULT_PORTS[parts.scheme]
     head = _handshake_head(target, headers)
+    deadline = time.monotonic() + timeout_s
     sock: socket.socket | None = None
     error: forward.UpstreamError | None = None
     try:
@@ -226,7 +228,7 @@ def open_tunnel(
         if parts.scheme == "https":
             sock = transport.ssl_context.wrap_socket(sock, server_hostname=hostname)
         sock.sendall(head)
-        response = _HandshakeResponse(_Unbuffered(sock), method="GET")
+        response = forward._FinalResponse(_Unbuffered(sock), method="GET", deadline=deadline, upgrade_requested=True)
         response.begin()
         if response.status == 101 and "websocket" not in _tokens(response.msg.items(), "upgrade"):
             raise http.client.HTTPException("101 to a protocol other than websocket")
@@ -258,17 +260,9 @@ def _connect(policy: forward.AddressPolicy, base_url: str, hostname: str, port: 
     literal can be checked, as in :func:`forward.send`."""
     proxy = select_proxy(base_url, forward.environ_proxies(base_url))
     if proxy:
-        address = forward.literal_address(hostname)
-        if address is not None and policy.refuses(address):
-            raise forward.UpstreamForbidden(f"upstream {hostname}: {address} is a link-local or metadata address")
+        policy.check_literal(hostname)
         return _connect_via_proxy(proxy, hostname, port, timeout_s)
-    infos = policy.resolve(hostname.strip("[]"), port)
-    for info in infos:
-        address = forward._sockaddr_address(info[4])
-        if address is None or policy.refuses(address):
-            raise forward.UpstreamForbidden(
-                f"upstream {hostname}:{port}: resolves to {address or info[4]!r}, a link-local or metadata address"
-            )
+    infos = policy.resolve_checked(hostname.strip("[]"), port)
     return forward._connect_first(infos, timeout_s, None, [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
 
@@ -308,9 +302,8 @@ class _Unbuffered:
     def makefile(self, mode: str) -> t.Any:
         return self._sock.makefile(mode, buffering=0)
 
-
-class _HandshakeResponse(forward._FinalResponse):
-    """``http.client``'s response with interim ``1xx`` skipped (``101`` kept)."""
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
 
 
 def _close(sock: socket.socket | None) -> None:

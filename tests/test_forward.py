@@ -504,7 +504,7 @@ def test_a_204_claiming_a_chunked_body_is_not_read_and_not_pooled(session, monke
         assert upstream.connections_opened == 2
 
 
-def test_a_101_connection_is_never_pooled(session):
+def test_a_101_to_a_request_without_upgrade_is_an_upstream_error_and_never_pooled(session):
     def switch(seen: RecordedRequest, sock: socket.socket) -> bool:
         if seen.target == "/ws":
             sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
@@ -513,8 +513,9 @@ def test_a_101_connection_is_never_pooled(session):
         return True
 
     with RecordingUpstream(switch) as upstream:
-        response, body = fetch(session, upstream.url, "/ws")
-        assert (response.status, body) == (101, b"")
+        with pytest.raises(UpstreamUnavailable, match="101") as raised:
+            fetch(session, upstream.url, "/ws")
+        assert raised.value.status == 502 and raised.value.closes_client
         assert fetch(session, upstream.url, "/plain")[1] == b"plain"
         assert upstream.connections_opened == 2
 
@@ -551,6 +552,37 @@ def test_endless_interim_responses_are_an_upstream_error(session):
     with RecordingUpstream(hints_forever) as upstream:
         with pytest.raises(UpstreamUnavailable):
             forward.send(session, request(upstream.url, "/"), timeout_s=TIMEOUT_S)
+
+
+def test_a_stream_of_100_continue_is_bounded_by_the_head_deadline_not_a_count(session):
+    """Ten and more ``100``s (more than the limit on other interim responses) end in a
+    timeout at the deadline, not earlier and not later."""
+
+    def continues(seen: RecordedRequest, sock: socket.socket) -> bool:
+        for _ in range(40):
+            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            time.sleep(0.1)
+        return False
+
+    with RecordingUpstream(continues) as upstream:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            forward.send(session, request(upstream.url, "/"), timeout_s=1.5)
+        assert 1.4 < time.monotonic() - started < 2.5
+
+
+def test_a_head_dripped_byte_by_byte_is_bounded_by_the_head_deadline(session):
+    def drip(seen: RecordedRequest, sock: socket.socket) -> bool:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 100 + b"\r\nContent-Length: 0\r\n\r\n":
+            sock.sendall(bytes([byte]))
+            time.sleep(0.05)
+        return False
+
+    with RecordingUpstream(drip) as upstream:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            forward.send(session, request(upstream.url, "/"), timeout_s=1.5)
+        assert time.monotonic() - started < 2.5
 
 
 # -- failures -----------------------------------------------------------------------------
@@ -837,8 +869,19 @@ def _stdlib_message(block: bytes):
     return http.client.parse_headers(io.BytesIO(block))
 
 
+def _header_lines(block: bytes) -> list[bytes]:
+    """The lines of a header block as a reader takes them: up to the blank line, or
+    ending with ``b""`` when the stream ends first."""
+    lines = []
+    for line in io.BytesIO(block):
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            return lines
+    return [*lines, b""]
+
+
 def _same_message(block: bytes) -> None:
-    ours = forward.parse_header_block(io.BytesIO(block))
+    ours = forward.header_block_message(_header_lines(block))
     theirs = _stdlib_message(block)
     assert ours.items() == theirs.items()
     assert [type(d) for d in ours.defects] == [type(d) for d in theirs.defects]

@@ -8,6 +8,7 @@ from jwt_proxy.headers import HOP_BY_HOP
 from jwt_proxy.headers import append_forwarded_for
 from jwt_proxy.headers import filter_request_headers
 from jwt_proxy.headers import filter_response_headers
+from jwt_proxy.headers import response_framing
 
 
 def test_hop_by_hop_names_are_the_rfc_set_plus_proxy_connection_and_http2_settings():
@@ -180,3 +181,45 @@ def test_append_forwarded_for_does_not_mutate_its_input():
     lines = [("X-Forwarded-For", "1.1.1.1")]
     append_forwarded_for(lines, "10.0.0.9")
     assert lines == [("X-Forwarded-For", "1.1.1.1")]
+
+
+def test_repeated_equal_content_length_lines_reach_the_client_as_one():
+    lines = [("Content-Length", "5"), ("X-A", "1"), ("content-length", "5")]
+    assert filter_response_headers(lines) == [("Content-Length", "5"), ("X-A", "1")]
+
+
+@pytest.mark.parametrize(
+    ("lines", "framing"),
+    [
+        ([], (None, False, False, None)),
+        ([("Content-Length", "5")], (5, False, False, None)),
+        ([("Content-Length", "5"), ("Content-Length", "5")], (5, False, False, None)),
+        ([("Content-Length", " 007 ")], (7, False, False, None)),
+        ([("Transfer-Encoding", "chunked")], (None, True, False, None)),
+        ([("Transfer-Encoding", "gzip, chunked")], (None, False, False, None)),
+        ([("Connection", "close")], (None, False, True, None)),
+        ([("Content-Length", "5"), ("Content-Length", "30")], (None, False, True, "differing Content-Length values")),
+        ([("Content-Length", "+5")], (None, False, True, "invalid Content-Length")),
+        ([("Content-Length", "-1")], (None, False, True, "invalid Content-Length")),
+        ([("Content-Length", "5, 5")], (None, False, True, "invalid Content-Length")),
+        ([("Content-Length", "abc")], (None, False, True, "invalid Content-Length")),
+        ([("Content-Length", "")], (None, False, True, "invalid Content-Length")),
+        ([("Content-Length", "9223372036854775808")], (None, False, True, "invalid Content-Length")),
+        (
+            [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+            (None, False, True, "Content-Length with Transfer-Encoding"),
+        ),
+        (
+            [("Transfer-Encoding", "chunked"), ("Content-Length", "5")],
+            (None, False, True, "Content-Length with Transfer-Encoding"),
+        ),
+    ],
+)
+def test_response_framing(lines, framing):
+    assert tuple(response_framing(lines)) == framing
+
+
+def test_an_http_1_0_response_closes_unless_it_asks_to_stay():
+    assert response_framing([], http_1_0=True).close
+    assert not response_framing([("Connection", "Keep-Alive")], http_1_0=True).close
+    assert not response_framing([("Keep-Alive", "timeout=5")], http_1_0=True).close

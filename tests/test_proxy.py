@@ -112,14 +112,17 @@ def test_connect_is_refused(start_proxy, upstream):
 
 def test_absolute_form_target_never_changes_the_upstream(start_proxy, upstream):
     """A forward-proxy request line is refused (400), not reduced to its path: neither the
-    host it names nor the pinned upstream sees anything."""
+    host it names nor the pinned upstream sees anything. A target starting with ``//``
+    is a path: it goes to the pinned upstream as it was sent."""
     with RecordingUpstream() as other:
         proxy = start_proxy("--upstream-host", f"127.0.0.1:{upstream.port}", "--upstream-scheme", "http")
-        for target in (f"http://127.0.0.1:{other.port}/abs?x=1", f"//127.0.0.1:{other.port}/abs"):
+        for target in (f"http://127.0.0.1:{other.port}/abs?x=1", f"http://127.0.0.1:{other.port}"):
             response, body = send_raw(proxy.port, "GET", target, [("Host", f"127.0.0.1:{other.port}")])
             assert (response.status, body) == (400, b"invalid request target\n"), target
+        response, _ = send_raw(proxy.port, "GET", f"//127.0.0.1:{other.port}/abs", [("Host", "p")])
+        assert response.status == 200
         assert requests.get(proxy.url + "/after", timeout=10).status_code == 200
-        assert [r.target for r in upstream.wait_for_requests(1)] == ["/after"]
+        assert [r.target for r in upstream.wait_for_requests(2)] == [f"//127.0.0.1:{other.port}/abs", "/after"]
         assert other.requests == []
 
 

@@ -156,6 +156,23 @@ def test_only_plain_chunked_is_forwarded(transfer_encoding, error):
     assert request_framing_error(transfer_encoding) == error
 
 
+@pytest.mark.parametrize(
+    ("content_length", "error"),
+    [
+        ("0", None),
+        ("5", None),
+        ("9223372036854775807", None),  # 2**63 - 1
+        ("009223372036854775807", None),
+        ("9223372036854775808", "invalid Content-Length"),  # 2**63
+        ("18446744073709551621", "invalid Content-Length"),  # 2**64 + 5
+        ("1" * 40, "invalid Content-Length"),
+        ("1" * 5000, "invalid Content-Length"),  # more digits than int() takes by default
+    ],
+)
+def test_a_content_length_must_fit_a_signed_64_bit_integer(content_length, error):
+    assert request_framing_error(None, content_length) == error
+
+
 def test_h2c_upgrade_lines_never_reach_the_upstream():
     lines = [
         ("Connection", "Upgrade"),
@@ -218,6 +235,9 @@ def test_a_name_is_resolved_once_and_only_the_checked_address_is_dialled(upstrea
         ["fd20:ce::254"],
         ["fe80::1"],
         ["64:ff9b::a9fe:a9fe"],
+        ["::a9fe:a9fe"],
+        ["::169.254.169.254"],
+        ["2002:a9fe:a9fe::1"],
     ],
 )
 def test_a_name_that_resolves_to_a_metadata_address_is_refused_before_dialling(upstream, answer):

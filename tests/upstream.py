@@ -315,6 +315,8 @@ class LoopbackServer:
         self.port = 0
         self.url = ""
         self.connections_opened = 0
+        #: The client address of every accepted connection, in order.
+        self.peers: list[tuple[t.Any, ...]] = []
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
@@ -360,6 +362,22 @@ class LoopbackServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def settle(self, timeout_s: float = 10.0) -> int:
+        """The number of connections accepted so far, counted once every connection made
+        before this call has been accepted: a marker connection of our own is made and
+        waited for (the listen queue is first in, first out), so a connection that a
+        proxy opened a moment ago is never counted late. The marker counts as one."""
+        with socket.create_connection((self.host, self.port), timeout=timeout_s) as marker:
+            local = marker.getsockname()
+            deadline = time.monotonic() + timeout_s
+            with self._lock:
+                while local not in self.peers:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"the marker connection was not accepted within {timeout_s}s")
+                    self._lock.wait(remaining)
+                return self.connections_opened
+
     def sleep(self, seconds: float) -> bool:
         """Sleep in a handler; returns False (stop sleeping) as soon as stop() is called."""
         return not self._stopping.wait(seconds)
@@ -374,12 +392,14 @@ class LoopbackServer:
         assert self._listener is not None
         while not self._stopping.is_set():
             try:
-                sock, _ = self._listener.accept()
+                sock, peer = self._listener.accept()
             except socket.timeout:
                 continue
             except OSError:
                 return
             with self._lock:
+                self.peers.append(peer)
+                self._lock.notify_all()
                 self.connections_opened += 1
                 number = self.connections_opened
                 self._sockets.add(sock)
