@@ -40,7 +40,7 @@ PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("token lookup (jwt_proxy.tokens)", ("jwt_proxy/tokens.py",)),
     ("header filtering (jwt_proxy.headers)", ("jwt_proxy/headers.py",)),
     ("routing (jwt_proxy.routing)", ("jwt_proxy/routing.py",)),
-    ("jwt_proxy.forward (request building, raw target, body iterator)", ("jwt_proxy/forward.py",)),
+    ("jwt_proxy.forward and upstream_* (request framing, pool, head parser, body loop)", ("jwt_proxy/forward.py", "jwt_proxy/upstream_")),
     ("view (jwt_proxy.app)", ("jwt_proxy/app.py",)),
     ("http.client (request line, header lines, status and header parsing)", ("(http/client.py", "(email/")),
     ("urllib3 (pool, connection, response)", ("urllib3/",)),

@@ -44,6 +44,10 @@ from .routing import request_target
 from .routing import strip_query
 from .tokens import TokenStore
 from .tokens import TokenUnavailable
+from .upstream_errors import RequestBodyError
+from .upstream_errors import UpstreamError
+from .upstream_errors import UpstreamForbidden
+from .upstream_session import make_session
 
 if t.TYPE_CHECKING:
     import requests
@@ -276,9 +280,9 @@ class Proxy:
                 ),
                 timeout_s=config.upstream_timeout_s,
             )
-        except forward.UpstreamForbidden:
+        except UpstreamForbidden:
             raise  # refused before connecting (a metadata address): no upstream request to observe
-        except forward.UpstreamError as exc:
+        except UpstreamError as exc:
             self._observe_upstream(upstream, exc.error_type, TOKEN_OK, started)
             raise
         self._observe_upstream(upstream, "", TOKEN_OK, started)
@@ -298,9 +302,9 @@ class Proxy:
                 headers=headers,
                 timeout_s=self.config.upstream_timeout_s,
             )
-        except forward.UpstreamForbidden:
+        except UpstreamForbidden:
             raise
-        except forward.UpstreamError as exc:
+        except UpstreamError as exc:
             self._observe_upstream(upstream, exc.error_type, TOKEN_OK, started)
             raise
         self._observe_upstream(upstream, "", TOKEN_OK, started)
@@ -366,7 +370,7 @@ def _stream_body(body: t.Iterator[bytes], target: str) -> t.Iterator[bytes]:
     try:
         yield b""
         yield from body
-    except forward.UpstreamError as exc:
+    except UpstreamError as exc:
         log.error(
             "upstream response body failed",
             extra={"target": target, "error_type": exc.error_type, "error": str(exc)},
@@ -521,8 +525,8 @@ def _register_error_handlers(app: Flask) -> None:
         )
         return _plain(502, BODY_TOKEN_UNAVAILABLE)
 
-    @app.errorhandler(forward.UpstreamError)
-    def upstream_error(exc: forward.UpstreamError):
+    @app.errorhandler(UpstreamError)
+    def upstream_error(exc: UpstreamError):
         if exc.closes_client:
             close_client_connection(request.environ)
         log.error(
@@ -531,16 +535,16 @@ def _register_error_handlers(app: Flask) -> None:
         )
         return _plain(exc.status, BODY_UPSTREAM_TIMEOUT if exc.status == 504 else BODY_UPSTREAM_UNAVAILABLE)
 
-    @app.errorhandler(forward.UpstreamForbidden)
-    def upstream_forbidden(exc: forward.UpstreamForbidden):
+    @app.errorhandler(UpstreamForbidden)
+    def upstream_forbidden(exc: UpstreamForbidden):
         log.warning(
             "upstream address refused",
             extra={"target": _target(), "error_type": exc.error_type, "error": str(exc)},
         )
         return _plain(403, BODY_FORBIDDEN)
 
-    @app.errorhandler(forward.RequestBodyError)
-    def request_body_error(exc: forward.RequestBodyError):
+    @app.errorhandler(RequestBodyError)
+    def request_body_error(exc: RequestBodyError):
         log.warning("request body not received", extra={"target": _target(), "error": str(exc)})
         close_client_connection(request.environ)
         if isinstance(exc.__cause__, inbound.CHUNK_ERRORS):
@@ -584,7 +588,7 @@ def create_app(
         client = make_sts_client(config)
         tokens = make_token_store(config, client=client, recorder=recorder)
     if session is None:
-        session = forward.make_session(
+        session = make_session(
             pool_maxsize=config.threads, ca_file=config.upstream_ca_file, allowed_addresses=config.allowlist.addresses
         )
     log.debug("worker ready", extra={"pid": os.getpid()})

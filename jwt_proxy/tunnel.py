@@ -9,9 +9,9 @@ and ``environ["gunicorn.socket"]`` is the client's socket. So for an opening han
 
 1. opens the upstream connection itself, with the checks of every other upstream
    connection: the host is resolved once and every address is checked against the
-   session's :class:`~jwt_proxy.forward.AddressPolicy` (no link-local or metadata
-   address unless allowed) before one is dialled, and an ``https`` upstream gets TLS
-   with the session's context (:func:`jwt_proxy.forward.make_ssl_context`);
+   session's :class:`~jwt_proxy.upstream_connect.AddressPolicy` (no link-local or
+   metadata address unless allowed) before one is dialled, and an ``https`` upstream
+   gets TLS with the session's context (:func:`jwt_proxy.upstream_connect.make_ssl_context`);
 2. sends the handshake: the client's headers filtered as for any request, the token,
    then ``Connection: Upgrade`` and ``Upgrade: websocket`` added back;
 3. reads the response head within ``--upstream-timeout`` (one deadline for all of
@@ -19,13 +19,14 @@ and ``environ["gunicorn.socket"]`` is the client's socket. So for an opening han
    ordinary response (a refusal) and goes back to the client as one;
 4. after a ``101``, relays bytes both ways (:func:`relay`) on the one worker thread
    that serves the request, until either side closes or nothing moves for
-   :data:`~jwt_proxy.forward.BODY_IDLE_TIMEOUT_S`, then closes both.
+   :data:`~jwt_proxy.upstream_response.BODY_IDLE_TIMEOUT_S`, then closes both.
 
 Other upgrades (``h2c``, ``TLS/1.0``...) are not tunnelled: ``Upgrade`` is hop-by-hop
 and such requests are forwarded without it.
 
-Only the standard library and :mod:`jwt_proxy.forward` are used here; the WSGI side (the
-``101`` response object) is in :mod:`jwt_proxy.app`.
+The connect path, the head parser and the body loop are the ones forwarding uses
+(:mod:`jwt_proxy.upstream_connect`, :mod:`jwt_proxy.upstream_response`); the WSGI side
+(the ``101`` response object) is in :mod:`jwt_proxy.app`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import errno
 import http.client
 import logging
-import re
 import selectors
 import socket
 import ssl
@@ -44,8 +44,17 @@ from urllib.parse import urlsplit
 
 from requests.utils import select_proxy
 
-from . import forward
+from .forward import require_origin_form
 from .headers import filter_response_headers
+from .upstream_connect import AddressPolicy
+from .upstream_connect import environ_proxies
+from .upstream_errors import UpstreamError
+from .upstream_errors import describe_upstream_error
+from .upstream_response import BODY_CHUNK_BYTES
+from .upstream_response import BODY_IDLE_TIMEOUT_S
+from .upstream_response import FinalResponse
+from .upstream_response import iter_body
+from .upstream_session import ProxyAdapter
 
 if t.TYPE_CHECKING:
     import requests
@@ -63,7 +72,6 @@ CLOSE_LINGER_S = 5.0
 #: The handshake's Connection and Upgrade lines, added back after hop-by-hop filtering.
 UPGRADE_HEADERS: tuple[tuple[str, str], ...] = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
 
-_ORIGIN_FORM_RE = re.compile(r"/[\x21-\x7e]*\Z")
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -91,18 +99,17 @@ class Transport:
     """How upstream connections are made: the TLS context and the address policy."""
 
     ssl_context: ssl.SSLContext
-    policy: forward.AddressPolicy
+    policy: AddressPolicy
 
 
 def transport_of(session: requests.Session) -> Transport:
-    """The TLS context and address policy of a session from :func:`forward.make_session`,
-    so a tunnel connects exactly as the session's own connections do."""
+    """The TLS context and address policy of a session from
+    :func:`jwt_proxy.upstream_session.make_session`, so a tunnel connects exactly as the
+    session's own connections do."""
     adapter = session.get_adapter("https://")
-    context = getattr(adapter, "_ssl_context", None)
-    policy = getattr(adapter, "policy", None)
-    if not isinstance(context, ssl.SSLContext) or not isinstance(policy, forward.AddressPolicy):
-        raise TypeError("tunnels need a session from forward.make_session()")
-    return Transport(context, policy)
+    if not isinstance(adapter, ProxyAdapter):
+        raise TypeError("tunnels need a session from upstream_session.make_session()")
+    return Transport(adapter.ssl_context, adapter.policy)
 
 
 class Tunnel:
@@ -124,27 +131,14 @@ class Tunnel:
         self._host = host
         self._closed = False
 
-    def iter_body(self, chunk_size: int = forward.BODY_CHUNK_BYTES) -> t.Iterator[bytes]:
+    def iter_body(self, chunk_size: int = BODY_CHUNK_BYTES) -> t.Iterator[bytes]:
         """A refusal's body, as it arrives; a truncated one raises like
-        :meth:`forward.UpstreamResponse.iter_body` does, so the client connection is
+        :meth:`jwt_proxy.forward.UpstreamResponse.iter_body` does, so the client connection is
         dropped instead of finishing a short body."""
-        response = self._response
         try:
             if self.status in (204, 304) or self.status < 200:
                 return
-            while True:
-                error = None
-                try:
-                    data = response.read(chunk_size)
-                    if not data and response.length:  # http.client ends a short body silently
-                        raise http.client.IncompleteRead(b"", response.length)
-                except (OSError, http.client.HTTPException) as exc:
-                    error = forward._upstream_error(exc, self._host, "the response body")
-                if error is not None:
-                    raise error
-                if not data:
-                    return
-                yield data
+            yield from iter_body(self._response.read, self._response, self._host, chunk_size)
         finally:
             self.close()
 
@@ -164,7 +158,7 @@ class Tunnel:
             try:
                 _set_nodelay(client)
                 early = client_bytes() if client_bytes is not None else b""
-                result = relay(client, self._sock, idle_timeout_s=forward.BODY_IDLE_TIMEOUT_S, a_to_b=early)
+                result = relay(client, self._sock, idle_timeout_s=BODY_IDLE_TIMEOUT_S, a_to_b=early)
             except Exception as exc:  # noqa: BLE001 - a relay failure must not become a second response
                 log.error("websocket tunnel failed", extra={"target": target, "error": f"{type(exc).__name__}: {exc}"})
                 return
@@ -176,7 +170,7 @@ class Tunnel:
                 "duration_ms": round((time.monotonic() - started) * 1000, 3),
             }
             if result.end == "idle":
-                record["idle_timeout_s"] = forward.BODY_IDLE_TIMEOUT_S
+                record["idle_timeout_s"] = BODY_IDLE_TIMEOUT_S
                 log.warning("websocket tunnel idle; closed", extra=record)
             else:
                 log.debug("websocket tunnel closed", extra=record)
@@ -209,12 +203,11 @@ def open_tunnel(
     ``X-Forwarded-For`` included) minus hop-by-hop ones; :data:`UPGRADE_HEADERS` are added
     here. ``timeout_s`` bounds the connection, the TLS handshake and each read, and the
     whole response head is due ``timeout_s`` after the start. Raises
-    :class:`forward.UpstreamForbidden` before dialling a refused address, and
-    :class:`forward.UpstreamTimeout`/:class:`forward.UpstreamUnavailable` as
-    :func:`forward.send` does, also for a ``101`` to another protocol.
+    :class:`~jwt_proxy.upstream_errors.UpstreamForbidden` before dialling a refused
+    address, and ``UpstreamTimeout``/``UpstreamUnavailable`` as
+    :func:`jwt_proxy.forward.send` does, also for a ``101`` to another protocol.
     """
-    if not _ORIGIN_FORM_RE.match(target):
-        raise ValueError("request target must be origin-form printable ASCII (starting with '/')")
+    require_origin_form(target)
     parts = urlsplit(base_url)
     host = parts.netloc
     hostname = parts.hostname or ""
@@ -222,24 +215,24 @@ def open_tunnel(
     head = _handshake_head(target, headers)
     deadline = time.monotonic() + timeout_s
     sock: socket.socket | None = None
-    error: forward.UpstreamError | None = None
+    error: UpstreamError | None = None
     try:
         sock = _connect(transport.policy, base_url, hostname, port, timeout_s)
         if parts.scheme == "https":
             sock = transport.ssl_context.wrap_socket(sock, server_hostname=hostname)
         sock.sendall(head)
-        response = forward._FinalResponse(_Unbuffered(sock), method="GET", deadline=deadline, upgrade_requested=True)
+        response = FinalResponse(_Unbuffered(sock), method="GET", deadline=deadline, upgrade_requested=True)
         response.begin()
         if response.status == 101 and "websocket" not in _tokens(response.msg.items(), "upgrade"):
             raise http.client.HTTPException("101 to a protocol other than websocket")
-    except forward.UpstreamError:
+    except UpstreamError:
         _close(sock)
         raise
     except (OSError, http.client.HTTPException, ValueError) as exc:
         _close(sock)
-        error = forward._upstream_error(exc, host, f"the upgrade response (timeout {timeout_s:g}s)")
+        error = describe_upstream_error(exc, host, f"the upgrade response (timeout {timeout_s:g}s)")
     else:
-        sock.settimeout(forward.BODY_IDLE_TIMEOUT_S)
+        sock.settimeout(BODY_IDLE_TIMEOUT_S)
         return Tunnel(sock, response, host)
     raise error
 
@@ -253,17 +246,15 @@ def _handshake_head(target: str, headers: t.Sequence[tuple[str, str]]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _connect(policy: forward.AddressPolicy, base_url: str, hostname: str, port: int, timeout_s: float) -> socket.socket:
-    """A TCP connection to the upstream, checked like :class:`forward._RawTargetConnection`:
-    resolved once, every address checked, only checked addresses dialled. Through an
-    ``HTTP(S)_PROXY`` (an ``http://`` one): a ``CONNECT`` tunnel, where only an address
-    literal can be checked, as in :func:`forward.send`."""
-    proxy = select_proxy(base_url, forward.environ_proxies(base_url))
+def _connect(policy: AddressPolicy, base_url: str, hostname: str, port: int, timeout_s: float) -> socket.socket:
+    """A TCP connection to the upstream, made as every forwarded one is
+    (:meth:`AddressPolicy.dial`). Through an ``HTTP(S)_PROXY`` (an ``http://`` one): a
+    ``CONNECT`` tunnel, where only an address literal can be checked, as forwarding does."""
+    proxy = select_proxy(base_url, environ_proxies(base_url))
     if proxy:
         policy.check_literal(hostname)
         return _connect_via_proxy(proxy, hostname, port, timeout_s)
-    infos = policy.resolve_checked(hostname.strip("[]"), port)
-    return forward._connect_first(infos, timeout_s, None, [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    return policy.dial(hostname.strip("[]"), port, timeout_s, [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
 
 def _connect_via_proxy(proxy: str, hostname: str, port: int, timeout_s: float) -> socket.socket:

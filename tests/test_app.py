@@ -6,7 +6,7 @@ import logging
 
 from jwt_proxy.app import create_app
 from jwt_proxy.config import Config
-from jwt_proxy.forward import make_session
+from jwt_proxy.upstream_session import make_session
 from jwt_proxy.logs import JsonFormatter
 from jwt_proxy.logs import LogfmtFormatter
 

@@ -21,11 +21,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from jwt_proxy import forward
-from jwt_proxy.forward import RequestBodyError
-from jwt_proxy.forward import UpstreamError
+from jwt_proxy.upstream_errors import RequestBodyError
+from jwt_proxy.upstream_errors import UpstreamError
 from jwt_proxy.forward import UpstreamRequest
-from jwt_proxy.forward import UpstreamTimeout
-from jwt_proxy.forward import UpstreamUnavailable
+from jwt_proxy.upstream_errors import UpstreamTimeout
+from jwt_proxy.upstream_errors import UpstreamUnavailable
+from jwt_proxy import upstream_connect
+from jwt_proxy import upstream_errors
+from jwt_proxy import upstream_response
+from jwt_proxy import upstream_session
 from tests.upstream import GZIP_BODY
 from tests.upstream import SET_COOKIES
 from tests.upstream import RecordedRequest
@@ -50,7 +54,7 @@ def no_environment_proxies(monkeypatch):
 
 @pytest.fixture
 def session():
-    session = forward.make_session(pool_maxsize=4)
+    session = upstream_session.make_session(pool_maxsize=4)
     yield session
     session.close()
 
@@ -170,14 +174,14 @@ def test_body_without_length_goes_chunked_without_content_length(session, upstre
 
 
 def test_a_content_length_body_is_read_in_blocks_of_at_most_one_mib(session, upstream):
-    data = pattern_bytes(3 * forward.REQUEST_BLOCK_BYTES + 5)
+    data = pattern_bytes(3 * upstream_session.REQUEST_BLOCK_BYTES + 5)
     stream = GeneratorStream([data])
     fetch(session, upstream.url, "/up", method="PUT", headers=[("Host", "h")], body=stream, content_length=len(data))
     [seen] = upstream.wait_for_requests(1)
     assert seen.body == data
-    assert forward.REQUEST_BLOCK_BYTES == 1024 * 1024
-    assert max(stream.reads) == forward.REQUEST_BLOCK_BYTES, "whole blocks (small reads cost throughput)"
-    assert all(size <= forward.REQUEST_BLOCK_BYTES for size in stream.reads), "never more than a block at a time"
+    assert upstream_session.REQUEST_BLOCK_BYTES == 1024 * 1024
+    assert max(stream.reads) == upstream_session.REQUEST_BLOCK_BYTES, "whole blocks (small reads cost throughput)"
+    assert all(size <= upstream_session.REQUEST_BLOCK_BYTES for size in stream.reads), "never more than a block at a time"
 
 
 def test_no_body_has_no_framing_lines(session, upstream):
@@ -299,7 +303,7 @@ def test_the_session_itself_keeps_no_cookies_and_reads_no_netrc(upstream, tmp_pa
     netrc.write_text("machine 127.0.0.1 login bob password hunter2\n")
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
-    session = forward.make_session(pool_maxsize=2)
+    session = upstream_session.make_session(pool_maxsize=2)
     session.get(upstream.url + "/set-cookies", timeout=TIMEOUT_S).close()
     session.get(upstream.url + "/echo", timeout=TIMEOUT_S).close()
     _, second = upstream.wait_for_requests(2)
@@ -309,7 +313,7 @@ def test_the_session_itself_keeps_no_cookies_and_reads_no_netrc(upstream, tmp_pa
 
 
 def test_make_session_recipe():
-    session = forward.make_session(pool_maxsize=7)
+    session = upstream_session.make_session(pool_maxsize=7)
     assert session.trust_env is False
     assert dict(session.headers) == {}
     adapter = session.get_adapter("https://api.example.com/")
@@ -318,7 +322,7 @@ def test_make_session_recipe():
     assert adapter.poolmanager.connection_pool_kw["block"] is False
     assert adapter.max_retries.total == 0
     with pytest.raises(ValueError):
-        forward.make_session(pool_maxsize=0)
+        upstream_session.make_session(pool_maxsize=0)
 
 
 def test_send_needs_a_session_from_make_session(upstream):
@@ -435,7 +439,7 @@ def test_more_concurrent_requests_than_pool_slots_do_not_wait_for_a_slot():
         send_response(sock, 200, [], b"ok")
         return True
 
-    session = forward.make_session(pool_maxsize=2)
+    session = upstream_session.make_session(pool_maxsize=2)
     statuses: list[int] = []
     lock = threading.Lock()
 
@@ -486,7 +490,7 @@ def test_a_partly_read_body_is_never_pooled_even_if_the_rest_comes_later(session
 
 
 def test_a_204_claiming_a_chunked_body_is_not_read_and_not_pooled(session, monkeypatch):
-    monkeypatch.setattr(forward, "BODY_IDLE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(upstream_response, "BODY_IDLE_TIMEOUT_S", 2.0)
 
     def odd_204(seen: RecordedRequest, sock: socket.socket) -> bool:
         if seen.target == "/odd":
@@ -635,7 +639,7 @@ def test_connect_timeout_is_504_and_its_message_has_no_target():
             reason.__cause__ = socket_error
             raise requests.exceptions.ConnectTimeout(MaxRetryError(None, "/x?secret=s3cr3t", reason))
     except requests.exceptions.ConnectTimeout as exc:
-        error = forward._upstream_error(exc, "api.example.com:443", "response headers")
+        error = upstream_errors.describe_upstream_error(exc, "api.example.com:443", "response headers")
     assert isinstance(error, UpstreamTimeout)
     assert (error.status, error.error_type) == (504, "timeout")
     assert "api.example.com:443" in str(error) and "s3cr3t" not in str(error)
@@ -671,7 +675,7 @@ def test_read_until_close_stream_also_gets_the_body_idle_timeout(session):
 
 
 def test_a_body_idle_past_the_body_timeout_raises(session, upstream, monkeypatch):
-    monkeypatch.setattr(forward, "BODY_IDLE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(upstream_response, "BODY_IDLE_TIMEOUT_S", 0.2)
     response = forward.send(session, request(upstream.url, "/drip?n=2&delay=1.5&secret=s3cr3t"), timeout_s=TIMEOUT_S)
     body = response.iter_body()
     assert next(body) == b"chunk-0\n"
@@ -742,7 +746,7 @@ def tls_upstream(tls_files):
 
 
 def test_ca_file_is_trusted_for_https_upstreams(tls_files, tls_upstream):
-    session = forward.make_session(pool_maxsize=2, ca_file=tls_files.ca_file)
+    session = upstream_session.make_session(pool_maxsize=2, ca_file=tls_files.ca_file)
     response, body = fetch(session, tls_upstream.url, "/a%2Fb?")
     assert response.status == 200
     assert tls_upstream.wait_for_requests(1)[0].target == "/a%2Fb?"
@@ -756,14 +760,14 @@ def test_https_is_verified_without_the_ca_file(session, tls_upstream):
 
 def test_host_name_is_verified_with_the_ca_file(tls_files, tmp_path):
     other = make_tls_files(str(tmp_path), names=("other.example",))
-    session = forward.make_session(pool_maxsize=2, ca_file=other.ca_file)
+    session = upstream_session.make_session(pool_maxsize=2, ca_file=other.ca_file)
     with RecordingUpstream(ssl_context=other.server_context()) as upstream:
         with pytest.raises(UpstreamUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             fetch(session, upstream.url, "/")
 
 
 def test_ca_file_adds_to_the_default_roots(tls_files):
-    context = forward.make_ssl_context(tls_files.ca_file)
+    context = upstream_connect.make_ssl_context(tls_files.ca_file)
     issuers = {
         value for cert in context.get_ca_certs() for rdn in cert["subject"] for key, value in rdn if key == "commonName"
     }
@@ -776,7 +780,7 @@ def test_certifi_roots_are_kept_when_the_system_store_is_empty(tmp_path, monkeyp
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
     names = {
-        value for cert in forward.make_ssl_context().get_ca_certs() for rdn in cert["subject"] for key, value in rdn
+        value for cert in upstream_connect.make_ssl_context().get_ca_certs() for rdn in cert["subject"] for key, value in rdn
         if key == "commonName"
     }
     assert "ISRG Root X1" in names
@@ -786,12 +790,12 @@ def test_the_system_store_is_trusted(tls_files, tls_upstream, tmp_path, monkeypa
     """A CA installed in the system store (here via SSL_CERT_FILE) works without --upstream-ca-file."""
     monkeypatch.setenv("SSL_CERT_FILE", tls_files.ca_file)
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
-    response, _ = fetch(forward.make_session(pool_maxsize=1), tls_upstream.url, "/")
+    response, _ = fetch(upstream_session.make_session(pool_maxsize=1), tls_upstream.url, "/")
     assert response.status == 200
 
 
 def test_https_through_an_environment_connect_proxy_uses_the_ca_file(tls_files, tls_upstream, monkeypatch):
-    session = forward.make_session(pool_maxsize=2, ca_file=tls_files.ca_file)
+    session = upstream_session.make_session(pool_maxsize=2, ca_file=tls_files.ca_file)
     with RecordingUpstream(connect_tunnel) as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         response, body = fetch(session, tls_upstream.url, "/x/%2E%2E/y?")
@@ -881,7 +885,7 @@ def _header_lines(block: bytes) -> list[bytes]:
 
 
 def _same_message(block: bytes) -> None:
-    ours = forward.header_block_message(_header_lines(block))
+    ours = upstream_response.header_block_message(_header_lines(block))
     theirs = _stdlib_message(block)
     assert ours.items() == theirs.items()
     assert [type(d) for d in ours.defects] == [type(d) for d in theirs.defects]

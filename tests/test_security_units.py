@@ -20,9 +20,9 @@ from jwt_proxy import forward
 from jwt_proxy import server
 from jwt_proxy.config import Config
 from jwt_proxy.config import ConfigError
-from jwt_proxy.forward import AddressPolicy
-from jwt_proxy.forward import UpstreamError
-from jwt_proxy.forward import UpstreamForbidden
+from jwt_proxy.upstream_connect import AddressPolicy
+from jwt_proxy.upstream_errors import UpstreamError
+from jwt_proxy.upstream_errors import UpstreamForbidden
 from jwt_proxy.forward import UpstreamRequest
 from jwt_proxy.headers import filter_request_headers
 from jwt_proxy.headers import request_framing_error
@@ -30,6 +30,7 @@ from jwt_proxy.worker import EXCEPTION_ARGS_FILTER
 from jwt_proxy.worker import REQUEST_HEAD_TIMEOUT_S
 from jwt_proxy.worker import ProxyWorker
 from jwt_proxy.worker import redact
+from jwt_proxy import upstream_session
 from tests.conftest import BIN_DIR
 from tests.conftest import REPO
 from tests.upstream import RecordingUpstream
@@ -216,7 +217,7 @@ def send(session, base_url, target="/x", timeout_s=TIMEOUT_S):
 
 def test_a_name_is_resolved_once_and_only_the_checked_address_is_dialled(upstream):
     resolver = FakeResolver({"api.test": ["127.0.0.1"]})
-    session = forward.make_session(pool_maxsize=2, resolver=resolver)
+    session = upstream_session.make_session(pool_maxsize=2, resolver=resolver)
     response, _ = send(session, f"http://api.test:{upstream.port}")
     assert response.status == 200
     assert resolver.calls == ["api.test"]
@@ -242,7 +243,7 @@ def test_a_name_is_resolved_once_and_only_the_checked_address_is_dialled(upstrea
 )
 def test_a_name_that_resolves_to_a_metadata_address_is_refused_before_dialling(upstream, answer):
     resolver = FakeResolver({"metadata.test": answer})
-    session = forward.make_session(pool_maxsize=2, resolver=resolver)
+    session = upstream_session.make_session(pool_maxsize=2, resolver=resolver)
     with pytest.raises(UpstreamForbidden) as info:
         send(session, f"http://metadata.test:{upstream.port}", f"/latest/meta-data?{SECRET}")
     error = info.value
@@ -276,7 +277,7 @@ def test_an_address_the_allowlist_names_is_let_through():
 )
 def test_every_spelling_of_the_metadata_address_is_refused_with_the_real_resolver(base_url):
     """getaddrinfo reads these numerically (no DNS); the check sees what it returns."""
-    session = forward.make_session(pool_maxsize=1)
+    session = upstream_session.make_session(pool_maxsize=1)
     with pytest.raises(UpstreamForbidden):
         send(session, base_url, timeout_s=1.0)
 
@@ -284,11 +285,11 @@ def test_every_spelling_of_the_metadata_address_is_refused_with_the_real_resolve
 def test_a_restricted_literal_is_refused_before_an_environment_proxy_sees_it(monkeypatch):
     with RecordingUpstream() as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
-        session = forward.make_session(pool_maxsize=1)
+        session = upstream_session.make_session(pool_maxsize=1)
         for base_url in ("http://169.254.169.254", "http://2852039166", "http://[fd00:ec2::254]"):
             with pytest.raises(UpstreamForbidden):
                 send(session, base_url)
-        # A name is the proxy's to resolve: it gets the request (our decision, see forward.py).
+        # A name is the proxy's to resolve: it gets the request (our decision, see upstream_connect.py).
         send(session, "http://metadata.test", "/via-proxy")
         assert [r.target for r in proxy.wait_for_requests(1)] == ["http://metadata.test/via-proxy"]
         assert len(proxy.requests) == 1
@@ -299,7 +300,7 @@ def test_the_proxy_hop_itself_is_not_checked(monkeypatch, upstream):
     resolver = FakeResolver({})
     with RecordingUpstream() as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
-        send(forward.make_session(pool_maxsize=1, resolver=resolver), f"http://127.0.0.1:{upstream.port}")
+        send(upstream_session.make_session(pool_maxsize=1, resolver=resolver), f"http://127.0.0.1:{upstream.port}")
         assert proxy.wait_for_requests(1)
     assert resolver.calls == []
 

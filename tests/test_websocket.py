@@ -12,8 +12,9 @@ import pytest
 import requests
 import websocket
 
-from jwt_proxy import forward
 from jwt_proxy import tunnel
+from jwt_proxy import upstream_errors
+from jwt_proxy import upstream_session
 from tests.streaming_upstream import OP_CLOSE
 from tests.streaming_upstream import OP_TEXT
 from tests.streaming_upstream import WebSocketEchoServer
@@ -305,8 +306,8 @@ def test_a_name_resolving_to_a_metadata_address_is_never_dialled():
         dialled.append(host)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
 
-    session = forward.make_session(pool_maxsize=1, resolver=resolver)
-    with pytest.raises(forward.UpstreamForbidden):
+    session = upstream_session.make_session(pool_maxsize=1, resolver=resolver)
+    with pytest.raises(upstream_errors.UpstreamForbidden):
         tunnel.open_tunnel(
             tunnel.transport_of(session), base_url="http://metadata.example:80", target="/", headers=[], timeout_s=1
         )
@@ -408,12 +409,12 @@ def test_refusal_body_short_of_its_length_raises():
         return False
 
     with RecordingUpstream(handler=short) as upstream:
-        session = forward.make_session(pool_maxsize=1)
+        session = upstream_session.make_session(pool_maxsize=1)
         opened = tunnel.open_tunnel(
             tunnel.transport_of(session), base_url=upstream.url, target="/", headers=[("Host", "h")], timeout_s=2
         )
         assert (opened.switched, opened.status) == (False, 401)
         body = opened.iter_body()
         assert next(body) == b"x" * 10
-        with pytest.raises(forward.UpstreamUnavailable):
+        with pytest.raises(upstream_errors.UpstreamUnavailable):
             next(body)
