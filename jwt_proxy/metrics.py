@@ -62,6 +62,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
+from .serving import ServingThread
 from .tokens import EXPIRED_ERROR_CLASS
 from .tokens import INTERNAL_ERROR_CLASS
 from .tokens import AudienceSet
@@ -129,8 +130,6 @@ HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 # A metrics-port client that sends nothing is dropped after this long.
 LISTENER_IO_TIMEOUT_S = 10.0
-# How soon the listener notices it is being stopped (at the master's exit).
-LISTENER_POLL_S = 0.25
 
 # process_* over the master and its live workers: these are added up, the others are the
 # master's own (start time, fd limit).
@@ -585,26 +584,17 @@ class MetricsListener:
         self._multiproc_dir = multiproc_dir
         server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
         self._httpd = make_server(host, port, self.wsgi, server_class=server_class, handler_class=_QuietHandler)
-        self._thread: threading.Thread | None = None
+        self._serving = ServingThread(self._httpd, "jwt-proxy-metrics-listener")
 
     @property
     def port(self) -> int:
         return self._httpd.server_address[1]
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": LISTENER_POLL_S},
-            name="jwt-proxy-metrics-listener",
-            daemon=True,
-        )
-        self._thread.start()
+        self._serving.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread = None
-        self._httpd.server_close()
+        self._serving.stop()
 
     def close_in_child(self) -> None:
         """Close the inherited listening socket in a forked worker (the master keeps it)."""

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import socket
-import threading
 import time
 import typing as t
 import urllib.parse
@@ -27,6 +26,7 @@ from werkzeug.serving import WSGIRequestHandler
 from werkzeug.serving import make_server
 
 from .logs import exception_fields
+from .serving import ServingThread
 from .tokens import TokenStore
 from .tokens import TokenUnavailable
 
@@ -55,7 +55,6 @@ BODY_INTERNAL_ERROR = "internal error"
 # A client that sends nothing is dropped after this long.
 IO_TIMEOUT_S = 10.0
 LISTEN_BACKLOG = 128
-POLL_S = 0.25
 
 
 class TokenEndpoint:
@@ -182,17 +181,11 @@ class EndpointServer:
         # werkzeug adopts the socket from its file descriptor and does not bind again.
         self._httpd = make_server(host, port, app, threaded=True, request_handler=_QuietHandler, fd=sock.fileno())
         self._socket = sock
-        self._thread: threading.Thread | None = None
+        self._serving = ServingThread(self._httpd, "jwt-proxy-token-endpoint")
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": POLL_S}, name="jwt-proxy-token-endpoint", daemon=True
-        )
-        self._thread.start()
+        self._serving.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread = None
-        self._httpd.server_close()
+        self._serving.stop()
         self._socket.close()

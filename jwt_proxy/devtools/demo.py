@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 import typing as t
-from urllib.parse import urlsplit
 
 import jwt
 from jwt.exceptions import InvalidTokenError
@@ -38,11 +37,10 @@ from ..config import connect_host
 from ..config import parse_listen_addr
 from .localsts import SIGNING_ALGORITHMS
 from .localsts import DevHTTPServer
+from .localsts import DevServer
 from .localsts import DevRequestHandler
 from .localsts import LocalSTS
-from .localsts import ServerThread
 from .localsts import format_url
-from .localsts import log_record
 
 AUDIENCE = "https://demo.jwt-proxy.local"
 DEMO_REGION = "us-east-1"
@@ -206,20 +204,12 @@ class _EchoHandler(DevRequestHandler):
         self, status: int, document: dict[str, t.Any], subject: str, headers: dict[str, str] | None = None
     ) -> None:
         outcome = {"error": document["error"]} if "error" in document else {"sub": subject}
-        log_record(
-            access_log,
-            "request",
-            client=self.client_address[0],
-            method=self.command,
-            path=urlsplit(self.path).path,
-            status=status,
-            **outcome,
-        )
+        self.log_access(access_log, status, **outcome)
         body = (json.dumps(document, indent=2) + "\n").encode()
         self.write_response(status, body, "application/json", headers)
 
 
-class EchoUpstream:
+class EchoUpstream(DevServer):
     """A stand-in for the third-party API: it trusts only JWTs its issuer's JWKS verifies.
 
     :param host: address to bind.
@@ -244,24 +234,7 @@ class EchoUpstream:
         self._jwks_lock = threading.Lock()
         httpd = _EchoHTTPServer(host, port, _EchoHandler)
         httpd.echo = self
-        bound_port = httpd.server_address[1]
-        self.url: str = format_url(host, bound_port)
-        self._server = ServerThread(httpd, name=f"echo-upstream-{bound_port}")
-
-    def start(self) -> None:
-        """Serve in a daemon thread."""
-        self._server.start()
-
-    def shutdown(self) -> None:
-        """Stop serving, close client connections, join the threads."""
-        self._server.stop()
-
-    def __enter__(self) -> EchoUpstream:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
+        self._serve(httpd, host, "echo-upstream")
 
     def verify(self, authorization: str | None) -> dict[str, t.Any]:
         """The claims of a ``Bearer`` JWT signed by the issuer's keys, for our audience."""

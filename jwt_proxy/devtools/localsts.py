@@ -665,6 +665,36 @@ class ServerThread:
             pass
 
 
+class DevServer:
+    """A development server served by a :class:`ServerThread`: ``url``, start, shutdown,
+    and a context manager that does both."""
+
+    url: str
+    _server: ServerThread
+
+    def _serve(self, httpd: DevHTTPServer, host: str, name: str) -> None:
+        """The URL (with ``host`` as asked for) and the serving thread of ``httpd``,
+        already bound to its port."""
+        bound_port = httpd.server_address[1]
+        self.url = format_url(host, bound_port)
+        self._server = ServerThread(httpd, name=f"{name}-{bound_port}")
+
+    def start(self) -> None:
+        """Serve in a daemon thread."""
+        self._server.start()
+
+    def shutdown(self) -> None:
+        """Stop serving, cut stalled answers short, close client connections, join the threads."""
+        self._server.stop()
+
+    def __enter__(self) -> t.Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+
 def log_record(logger: logging.Logger, msg: str, **fields: t.Any) -> None:
     """One info record with ``fields``, through whatever logging the process configured.
 
@@ -706,6 +736,18 @@ class DevRequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: t.Any) -> None:
         logging.getLogger(f"jwt_proxy.{self.source.replace('-', '_')}").warning(
             format % args, extra={"client": self.client_address[0]}
+        )
+
+    def log_access(self, logger: logging.Logger, status: int, **fields: t.Any) -> None:
+        """The request's one access record: client, method, path (no query), status."""
+        log_record(
+            logger,
+            "request",
+            client=self.client_address[0],
+            method=self.command,
+            path=urlsplit(self.path).path,
+            status=status,
+            **fields,
         )
 
     def write_response(
@@ -765,15 +807,8 @@ class _STSHandler(DevRequestHandler):
         self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
     ) -> None:
         # Logged before the answer leaves, so the record is out before the client moves on.
-        log_record(
-            access_log,
-            "request",
-            client=self.client_address[0],
-            method=self.command,
-            path=urlsplit(self.path).path,
-            action=self._action,
-            status=status,
-            duration_ms=int((time.monotonic() - self._started) * 1000),
+        self.log_access(
+            access_log, status, action=self._action, duration_ms=int((time.monotonic() - self._started) * 1000)
         )
         self.write_response(status, body, content_type, headers)
 
@@ -785,7 +820,7 @@ class _STSHandler(DevRequestHandler):
         self.send_bytes(status, body, "text/xml", {"x-amzn-RequestId": request_id})
 
 
-class LocalSTS:
+class LocalSTS(DevServer):
     """STS ``GetWebIdentityToken`` on loopback, with keys made at start.
 
     :param host: address to bind (``127.0.0.1``; an IPv6 literal binds IPv6).
@@ -821,15 +856,9 @@ class LocalSTS:
         self._keys = _make_signing_keys()
         httpd = _STSHTTPServer(host, port, _STSHandler)
         httpd.local_sts = self
-        bound_port = httpd.server_address[1]
-        self.url: str = format_url(host, bound_port)
-        self._server = ServerThread(httpd, name=f"local-sts-{bound_port}")
+        self._serve(httpd, host, "local-sts")
 
     # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Serve in a daemon thread."""
-        self._server.start()
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown` (from a signal handler or another thread) or Ctrl-C."""
@@ -840,17 +869,6 @@ class LocalSTS:
             pass
         finally:
             self.shutdown()
-
-    def shutdown(self) -> None:
-        """Stop serving, cut stalls short, close client connections, join the threads."""
-        self._server.stop()
-
-    def __enter__(self) -> LocalSTS:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
 
     # -- runtime control -------------------------------------------------------------
 
