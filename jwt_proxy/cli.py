@@ -79,6 +79,7 @@ OPTIONS = (
     Option("workers", "2", "gunicorn worker processes."),
     Option("threads", "32", "Threads per worker: concurrent requests per worker."),
     Option("graceful-timeout", "30s", "How long SIGTERM waits for in-flight requests."),
+    Option("shutdown-delay", "0s", "After SIGTERM, keep serving this long (/readyz answers 503), then drain."),
 )
 
 

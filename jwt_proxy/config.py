@@ -181,6 +181,7 @@ class Config:
     workers: int
     threads: int
     graceful_timeout_s: float
+    shutdown_delay_s: float = 0.0
     region: str | None = None
 
     @property
@@ -243,6 +244,7 @@ class Config:
         workers: str = "2",
         threads: str = "32",
         graceful_timeout: str = "30s",
+        shutdown_delay: str = "0s",
         region: str | None = None,
     ) -> Config:
         """Parse raw option strings (flag or environment) into a validated Config.
@@ -364,6 +366,7 @@ class Config:
             workers=_at_least_one("--workers", workers),
             threads=_at_least_one("--threads", threads),
             graceful_timeout_s=_positive_duration("--graceful-timeout", graceful_timeout),
+            shutdown_delay_s=_duration("--shutdown-delay", shutdown_delay),
             region=region,
         )
 
