@@ -218,12 +218,29 @@ def shutdown_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
                 _shutting_down.set()
                 if name == "handle_term" and config.shutdown_delay_s > 0:
                     _serve_through_delay(arbiter, config.shutdown_delay_s)
+                _shrink_backlogs(arbiter)
                 handler()
 
             # The arbiter looks its handlers up by name on itself, so this one is used.
             setattr(arbiter, name, shut_down)
 
     return {"when_ready": when_ready}
+
+
+def _shrink_backlogs(arbiter: Arbiter) -> None:
+    """Cut the listening sockets' backlog to its minimum as the drain starts.
+
+    Each stopping worker takes the connections queued on its socket, then closes it;
+    the kernel resets any connection that arrives in between. With a backlog of 0, at
+    most one can: the kernel drops the SYNs of the others, whose retry is then refused,
+    which is what a client of a stopped server should see. Only at a stop: after a
+    SIGHUP the new workers keep using the sockets.
+    """
+    for listener in arbiter.LISTENERS:
+        try:
+            listener.sock.listen(0)
+        except (AttributeError, OSError):
+            pass  # not one of ours, or already closed
 
 
 def _serve_through_delay(arbiter: Arbiter, delay_s: float) -> None:

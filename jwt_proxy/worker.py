@@ -17,8 +17,9 @@ down the socket the pool thread reads.
 Two more changes to how connections move between the main loop and the pool threads: a
 pool thread that has answered on a kept-alive connection serves the client's next request
 itself if its head comes within :data:`KEEPALIVE_LINGER_MS` (see there; a head begun but
-not finished by then goes back to the main loop), and a connection that ends is closed by
-its pool thread, not in the main loop (:func:`_close_here`).
+not finished by then goes back to the main loop), and a connection that ends is
+half-closed by its pool thread and closed by the main loop once the client has closed
+too, without holding a thread or blocking the loop (see :data:`CLOSE_LINGER_S`).
 
 When the worker stops (SIGTERM, or the old generation after a SIGHUP) it first accepts
 the connections already queued on its listening socket, then closes the socket, then
@@ -76,6 +77,18 @@ KEEPALIVE_LINGER_MS = 2
 #: At most this many queued connections are taken from the listening socket when the
 #: worker stops (then it is closed): a bound, should connections keep arriving meanwhile.
 STOP_ACCEPT_MAX = 4096
+#: How long a connection that the proxy ends waits, half-closed, for the client's FIN
+#: before it is closed (RFC 9112 9.6: unread request bytes at close() would make the
+#: kernel reset the connection, and the client could lose the response). gunicorn waits
+#: with a blocking read, in the pool thread or in the main loop; here the main loop's
+#: selector waits, so a client that keeps its side open holds neither a thread (during
+#: a drain, every thread is needed for requests still on the wire) nor the other
+#: connections; and it reads at most :data:`CLOSE_DRAIN_MAX` bytes meanwhile.
+CLOSE_LINGER_S = 2.0
+CLOSE_DRAIN_MAX = 64 * 1024
+#: What a pool thread returns for a connection it has half-closed: the main loop waits
+#: for the client's side to close.
+_HALF_CLOSED = object()
 #: What a pool thread returns for a connection whose next head has begun but is not
 #: complete: the main loop gathers the rest.
 _GATHER = object()
@@ -172,6 +185,8 @@ class ProxyWorker(ThreadWorker):
         # Connection -> deadline of the head the main loop gathers on it. Insertion order
         # is deadline order: every entry gets the same timeout from the moment it is added.
         self._gathering: dict[t.Any, float] = {}
+        # Half-closed connection -> [deadline for the client's FIN, bytes drained]; same order.
+        self._closing: dict[t.Any, list[float]] = {}
 
     def init_process(self) -> None:
         self.log.error_log.addFilter(EXCEPTION_ARGS_FILTER)
@@ -232,32 +247,59 @@ class ProxyWorker(ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
-    def close_overdue_gathering(self) -> None:
-        """Close every connection whose head the main loop has gathered for too long."""
-        now = time.monotonic()
-        while self._gathering:
-            conn, deadline = next(iter(self._gathering.items()))
-            if deadline > now:
-                break
-            del self._gathering[conn]
-            try:
-                self.poller.unregister(conn.sock)
-            except (KeyError, ValueError, OSError):
-                pass
+    def close_overdue(self) -> None:
+        """Close every connection whose head the main loop has gathered for too long, and
+        every half-closed one whose client has not closed its side in time."""
+        for conn in _take_overdue(self._gathering):
+            self._unregister(conn)
             self._drop(conn)
             self._log_slow_head(conn)
+        for conn in _take_overdue(self._closing):
+            self._unregister(conn)
+            self._drop(conn)
+
+    def _unregister(self, conn: t.Any) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _on_close_readable(self, conn: t.Any, client: t.Any) -> None:
+        """Drain what a half-closed connection's client still sends; close at its FIN."""
+        entry = self._closing[conn]
+        while True:
+            try:
+                data = socket.socket.recv(conn.sock, 65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            entry[1] += len(data)
+            if not data or entry[1] >= CLOSE_DRAIN_MAX:
+                break
+        del self._closing[conn]
+        self.poller.unregister(client)
+        self._drop(conn)
 
     def finish_request(self, conn: t.Any, fs: t.Any) -> None:
-        if not fs.cancelled() and fs.exception() is None and fs.result() is _GATHER:
+        result = None if fs.cancelled() or fs.exception() is not None else fs.result()
+        if result is _GATHER:
             conn.sock.setblocking(False)
             self._gather(conn, time.monotonic() + REQUEST_HEAD_TIMEOUT_S)
-            return
-        super().finish_request(conn, fs)
+        elif result is _HALF_CLOSED:
+            self._closing[conn] = [time.monotonic() + CLOSE_LINGER_S, 0]
+            self.poller.register(conn.sock, selectors.EVENT_READ, functools.partial(self._on_close_readable, conn))
+        else:
+            super().finish_request(conn, fs)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         """When the worker stops: take the connections already queued on the listening
         socket, then close it, so that none of them is reset with it and later ones are
-        refused (or, after a SIGHUP, queue for the new workers, which share the socket)."""
+        refused (or, after a SIGHUP, queue for the new workers, which share the socket).
+        The master has cut the backlog to its minimum before a stop (see
+        ``jwt_proxy.server``), so that few connections can arrive between the last
+        accept and the close, which resets them.
+        """
         super().set_accept_enabled(enabled)
         if enabled or self.alive:
             return
@@ -293,7 +335,7 @@ class ProxyWorker(ThreadWorker):
         if result is True and after_linger == _CLOSED:
             result = False
         if result is False:
-            _close_here(conn)
+            return _half_close(conn)
         return result
 
     def _handle_one(self, conn: t.Any) -> t.Any:
@@ -361,7 +403,7 @@ class ProxyWorker(ThreadWorker):
 
     def murder_pending(self) -> None:
         super().murder_pending()
-        self.close_overdue_gathering()
+        self.close_overdue()
         self.close_slow_heads()
 
     def close_slow_heads(self) -> None:
@@ -446,21 +488,39 @@ def _readable(sock: t.Any, timeout_ms: int) -> bool:
     return bool(poller.poll(timeout_ms))
 
 
-def _close_here(conn: t.Any) -> None:
-    """Close a finished connection in the pool thread, not in gunicorn's main loop.
-
-    The close is graceful (RFC 9112 9.6): half-close, then wait up to 2 s for the
-    client's FIN so that unread request bytes do not turn into a reset. In the main
-    loop, as gunicorn does it, a client that keeps its side open after a
-    ``Connection: close`` response stalls every connection of the worker (no accept,
-    no kept-alive request) for those 2 s; here it holds this one thread.
-    """
-    conn.close(graceful=True)
-    conn.close = _already_closed  # gunicorn's finish_request calls it again
+def _half_close(conn: t.Any) -> t.Any:
+    """End a finished connection in its pool thread: send the FIN at once (the client
+    sees the end of the response), and leave the wait for the client's own FIN to the
+    main loop (:data:`CLOSE_LINGER_S`). A socket that is already gone is just closed."""
+    try:
+        # socket.socket's own method: on a TLS socket, SSLSocket.shutdown would also drop
+        # the TLS state, which is no longer needed, but that is not what is meant here.
+        socket.socket.shutdown(conn.sock, socket.SHUT_WR)
+    except OSError:
+        conn.close()
+        conn.close = _already_closed  # gunicorn's finish_request calls it again
+        return False
+    conn.sock.setblocking(False)
+    return _HALF_CLOSED
 
 
 def _already_closed(graceful: bool = False) -> None:
     return None
+
+
+def _take_overdue(deadlines: dict[t.Any, t.Any]) -> list[t.Any]:
+    """Remove and return the connections of ``deadlines`` (in deadline order; the value
+    is the deadline, or a list starting with it) whose deadline has passed."""
+    now = time.monotonic()
+    overdue = []
+    for conn, value in deadlines.items():
+        deadline = value[0] if isinstance(value, list) else value
+        if deadline > now:
+            break
+        overdue.append(conn)
+    for conn in overdue:
+        del deadlines[conn]
+    return overdue
 
 
 class ServerLogger(Logger):
