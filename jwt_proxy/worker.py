@@ -379,14 +379,14 @@ class ProxyWorker(ThreadWorker):
                 return _READY
         deadline = time.monotonic() + KEEPALIVE_LINGER_MS / 1000
         while True:
+            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not _readable(conn.sock, remaining_ms):
+                return _PARTIAL if conn.head else _IDLE
             state = _read_head(conn)
             if state is True:
                 return _READY
             if state is None:
                 return _CLOSED
-            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not _readable(conn.sock, remaining_ms):
-                return _PARTIAL if conn.head else _IDLE
 
     def handle_request(self, req: t.Any, conn: t.Any) -> bool:
         self._head_received(conn)  # the head is in: from here the request is the app's
