@@ -346,7 +346,7 @@ class ProxyWorker(ThreadWorker):
             # The head the main loop (or the linger) gathered goes to the parser first.
             conn.data_ready = True
             conn.sock.setblocking(True)
-            conn.init()
+            conn.init()  # the HTTP/1 parser: http2_cleartext is off, so init() reads nothing
             conn.parser.unreader.unread(bytes(gathered))
             conn.head = bytearray()
         elif not conn.initialized and not conn.data_ready and _readable(conn.sock, FIRST_BYTES_POLL_MS):
@@ -360,23 +360,26 @@ class ProxyWorker(ThreadWorker):
 
     def _next_request_within_linger(self, conn: t.Any) -> str:
         """Whether the client's next head is there (:data:`_READY`), arrives within the
-        linger, has begun but is incomplete (:data:`_PARTIAL`), has not begun
-        (:data:`_IDLE`), or the client has closed (:data:`_CLOSED`).
+        linger, has begun but is incomplete or is left to the main loop
+        (:data:`_PARTIAL`), has not begun (:data:`_IDLE`), or the client has closed
+        (:data:`_CLOSED`).
 
         Only while the worker runs and no other connection waits for a thread: checked
         after every request, so a connection waits at most one request and one linger
         for a thread that its client's next request would otherwise keep.
         """
-        if not self.alive or self._waiting > 0:
-            return _IDLE
         if self.cfg.is_ssl:  # TLS records cannot be read a head at a time; as gunicorn does
+            if not self.alive or self._waiting > 0:
+                return _IDLE
             if conn.parser.unreader.buf.getvalue() or conn.sock.pending():
                 return _READY
             return _READY if _readable(conn.sock, KEEPALIVE_LINGER_MS) else _IDLE
         if conn.parser.unreader.buf.getvalue():  # read ahead with the previous request
             conn.head = bytearray(conn.parser.unreader.take_buffered())
-            if _head_complete(conn.head):
-                return _READY
+        if not self.alive or self._waiting > 0:
+            return _PARTIAL if conn.head else _IDLE  # the main loop serves a read-ahead head
+        if _head_complete(conn.head):
+            return _READY
         deadline = time.monotonic() + KEEPALIVE_LINGER_MS / 1000
         while True:
             remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
@@ -457,6 +460,8 @@ def _read_head(conn: t.Any) -> bool | None:
     head = getattr(conn, "head", None)
     if head is None:
         head = conn.head = bytearray()
+    if _head_complete(head):  # read ahead with the previous request
+        return True
     while True:
         try:
             data = conn.sock.recv(HEAD_GATHER_LIMIT, socket.MSG_DONTWAIT)
