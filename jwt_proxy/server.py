@@ -19,6 +19,11 @@ prometheus_client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``) in ord
 * ``child_exit`` (master) and ``worker_exit``: forget the worker's ``live*`` gauges;
 * ``on_exit``: stop the listener and remove the private directory.
 
+Always, :func:`listening_hooks` binds the proxy's listening sockets in the master, one
+per worker, and hands each worker its own (so a restarted worker drops no queued
+connection), and :func:`shutdown_hooks` marks the shutdown for ``/readyz``, waits out
+``--shutdown-delay`` and cuts the sockets' backlog before the drain.
+
 State shared by the hooks lives in this module, not in the hooks, because a SIGHUP
 under plain gunicorn re-reads ``conf/gunicorn.conf.py`` and so makes new hooks.
 """

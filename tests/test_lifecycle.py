@@ -397,3 +397,14 @@ def test_no_shutdown_delay_by_default_readyz_fails_and_the_drain_starts_at_once(
     wait_until(lambda: not listening(proxy), timeout_s=10, interval_s=0.005, what="the drain to start")
     assert time.monotonic() - signalled < 2.0
     assert proxy.popen.wait(15) == 0
+
+
+def test_a_second_sigterm_ends_the_shutdown_delay(start_proxy, upstream):
+    proxy = start_proxy(*pinned(upstream), "--workers", "1", "--shutdown-delay", "60s")
+    wait_until(lambda: readyz(proxy)[0] == 200, what="the worker ready")
+    proxy.signal(signal.SIGTERM)
+    wait_until(lambda: readyz(proxy)[0] == 503, timeout_s=5, what="/readyz to fail")
+    assert requests.get(proxy.url + "/during-delay", headers={"Connection": "close"}, timeout=IO_TIMEOUT_S).status_code == 200
+    assert "still serving for the shutdown delay" in readyz(proxy)[1]
+    proxy.signal(signal.SIGTERM)
+    assert proxy.popen.wait(15) == 0
