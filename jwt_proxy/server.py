@@ -39,9 +39,8 @@ import socket
 import sys
 import tempfile
 import threading
-import typing as t
-
 import time
+import typing as t
 
 from gunicorn import sock as gunicorn_sock
 from gunicorn.app.base import BaseApplication
