@@ -254,7 +254,7 @@ def _serve_through_delay(arbiter: Arbiter, delay_s: float) -> None:
     always; a second SIGTERM ends the delay.
     """
     global _serving_until
-    arbiter.log.info("Shutting down after %ss of --shutdown-delay: still serving, /readyz answers 503", delay_s)
+    arbiter.log.info("Still serving for %ss (--shutdown-delay), /readyz answers 503; then draining", delay_s)
     _serving_until = time.monotonic() + delay_s
     try:
         while (remaining := _serving_until - time.monotonic()) > 0:
