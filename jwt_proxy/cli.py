@@ -83,6 +83,7 @@ OPTIONS = (
     Option("workers", "2", "gunicorn worker processes."),
     Option("threads", "32", "Threads per worker: concurrent requests per worker."),
     Option("graceful-timeout", "30s", "How long SIGTERM waits for in-flight requests."),
+    Option("shutdown-delay", "0s", "After SIGTERM, keep serving this long (/readyz answers 503), then drain."),
     Option("token-cache-size", "256", "The most audience sets one worker keeps tokens for; least recently used dropped first."),
     Option("token-file", "", "PATH=AUDIENCE: keep a fresh JWT for AUDIENCE in the file PATH (for SDKs that read one).", repeatable=True),
     Option("token-file-mode", "0600", "Octal file mode of the token files."),

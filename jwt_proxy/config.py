@@ -203,6 +203,7 @@ class Config:
     threads: int
     graceful_timeout_s: float
     token_cache_size: int = 256
+    shutdown_delay_s: float = 0.0
     region: str | None = None
     token_files: tuple[TokenFile, ...] = ()
     token_file_mode: int = DEFAULT_TOKEN_FILE_MODE
@@ -286,6 +287,7 @@ class Config:
         token_file_mode: str = "0600",
         token_listen_addr: str = "",
         token_endpoint_audience: Iterable[str] = (),
+        shutdown_delay: str = "0s",
         region: str | None = None,
     ) -> Config:
         """Parse raw option strings (flag or environment) into a validated Config.
@@ -422,6 +424,7 @@ class Config:
             threads=_at_least_one("--threads", threads),
             graceful_timeout_s=_positive_duration("--graceful-timeout", graceful_timeout),
             token_cache_size=_at_least_one("--token-cache-size", token_cache_size),
+            shutdown_delay_s=_duration("--shutdown-delay", shutdown_delay),
             region=region,
             token_files=_parse_token_files(token_file),
             token_file_mode=_parse_file_mode("--token-file-mode", token_file_mode),

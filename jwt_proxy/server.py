@@ -13,11 +13,16 @@ prometheus_client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``) in ord
 * ``on_starting``: make a private directory if none is set, else create/empty the one
   set (only its ``*.db`` value files are removed); bind the metrics address, or stop
   with one line before the proxy listener binds;
-* ``when_ready``: serve the metrics port; note SIGTERM/SIGINT/SIGQUIT so that
-  ``/readyz`` answers ``503`` from the moment the drain starts;
+* ``when_ready``: serve the metrics port (:func:`shutdown_hooks` notes
+  SIGTERM/SIGINT/SIGQUIT so that ``/readyz`` answers ``503`` from then on);
 * ``post_fork``: a worker closes its inherited copy of the metrics socket;
 * ``child_exit`` (master) and ``worker_exit``: forget the worker's ``live*`` gauges;
 * ``on_exit``: stop the listener and remove the private directory.
+
+Always, :func:`listening_hooks` binds the proxy's listening sockets in the master, one
+per worker, and hands each worker its own (so a restarted worker drops no queued
+connection), and :func:`shutdown_hooks` marks the shutdown for ``/readyz``, waits out
+``--shutdown-delay`` and cuts the sockets' backlog before the drain.
 
 State shared by the hooks lives in this module, not in the hooks, because a SIGHUP
 under plain gunicorn re-reads ``conf/gunicorn.conf.py`` and so makes new hooks.
@@ -26,6 +31,7 @@ under plain gunicorn re-reads ``conf/gunicorn.conf.py`` and so makes new hooks.
 from __future__ import annotations
 
 import glob
+import inspect
 import logging
 import os
 import shutil
@@ -33,8 +39,10 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import typing as t
 
+from gunicorn import sock as gunicorn_sock
 from gunicorn.app.base import BaseApplication
 
 from . import logs
@@ -65,6 +73,8 @@ SHUTDOWN_HANDLERS = ("handle_term", "handle_int", "handle_quit")
 _owned_multiproc_dir: tuple[str, int] | None = None
 _listener: MetricsListener | None = None
 _shutting_down = threading.Event()
+# Monotonic end of the shutdown delay, while the master waits it out.
+_serving_until = 0.0
 
 
 def use_private_multiproc_dir() -> str | None:
@@ -118,6 +128,8 @@ def readiness(config: Config, arbiter: Arbiter) -> str | None:
     from . import metrics
 
     if _shutting_down.is_set():
+        if _serving_until > time.monotonic():
+            return "shutting down: still serving for the shutdown delay, then draining"
         return "shutting down: finishing in-flight requests"
     if config.serves_sdk_tokens:
         from .tokenagent import forked_agent_problem
@@ -168,15 +180,6 @@ def metrics_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
             fail(arbiter, f"--metrics-listen-addr {address.bind}: cannot listen there: {exc.strerror or exc}")
 
     def when_ready(arbiter: Arbiter) -> None:
-        for name in SHUTDOWN_HANDLERS:
-            handler = getattr(arbiter, name)
-
-            def shut_down(handler: t.Callable[[], None] = handler) -> None:
-                _shutting_down.set()
-                handler()
-
-            # The arbiter looks its handlers up by name on itself, so this one is used.
-            setattr(arbiter, name, shut_down)
         if _listener is not None:
             _listener.start()
 
@@ -204,6 +207,154 @@ def metrics_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
         "worker_exit": forget_worker,
         "on_exit": on_exit,
     }
+
+
+def shutdown_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
+    """The gunicorn server hook that notes the shutdown and waits out ``--shutdown-delay``.
+
+    ``when_ready`` replaces the arbiter's SIGTERM, SIGINT and SIGQUIT handlers by ones
+    that first mark the proxy as shutting down (``/readyz`` answers ``503``). SIGTERM then
+    keeps every worker serving, new connections included, for the delay: a sidecar's
+    application that is told to stop at the same moment may still send requests, and
+    a load balancer needs a moment to see the failed readiness check. Only then does
+    gunicorn's drain start.
+    """
+
+    def when_ready(arbiter: Arbiter) -> None:
+        for name in SHUTDOWN_HANDLERS:
+            handler = getattr(arbiter, name)
+
+            def shut_down(handler: t.Callable[[], None] = handler, name: str = name) -> None:
+                _shutting_down.set()
+                if name == "handle_term" and config.shutdown_delay_s > 0:
+                    _serve_through_delay(arbiter, config.shutdown_delay_s)
+                _shrink_backlogs(arbiter)
+                handler()
+
+            # The arbiter looks its handlers up by name on itself, so this one is used.
+            setattr(arbiter, name, shut_down)
+
+    return {"when_ready": when_ready}
+
+
+def _shrink_backlogs(arbiter: Arbiter) -> None:
+    """Cut the listening sockets' backlog to its minimum as the drain starts.
+
+    Each stopping worker takes the connections queued on its socket, then closes it;
+    the kernel resets any connection that arrives in between. With a backlog of 0, at
+    most one can: the kernel drops the SYNs of the others, whose retry is then refused,
+    which is what a client of a stopped server should see. Only at a stop: after a
+    SIGHUP the new workers keep using the sockets.
+    """
+    for listener in arbiter.LISTENERS:
+        try:
+            listener.sock.listen(0)
+        except (AttributeError, OSError):
+            pass  # not one of ours, or already closed
+
+
+def _serve_through_delay(arbiter: Arbiter, delay_s: float) -> None:
+    """Keep the workers running for ``delay_s`` (the master's loop, minus new signals).
+
+    Workers that exit meanwhile are replaced. SIGINT or SIGQUIT stops at once, as
+    always; a second SIGTERM ends the delay.
+    """
+    global _serving_until
+    arbiter.log.info("Still serving for %ss (--shutdown-delay), /readyz answers 503; then draining", delay_s)
+    _serving_until = time.monotonic() + delay_s
+    try:
+        while (remaining := _serving_until - time.monotonic()) > 0:
+            for sig in arbiter.wait_for_signals(timeout=min(1.0, remaining)):
+                name = arbiter.SIG_NAMES.get(sig)
+                if name in ("int", "quit"):
+                    getattr(arbiter, f"handle_{name}")()  # raises StopIteration: a quick stop
+                elif name == "term":
+                    return
+                elif name in ("chld", "cld"):
+                    arbiter.handle_chld()
+            arbiter.murder_workers()
+            arbiter.manage_workers()
+    finally:
+        _serving_until = 0.0
+
+
+def listening_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
+    """The gunicorn server hooks that give each worker a listening socket of its own,
+    owned by the master.
+
+    Each worker accepts on a socket of its own (``SO_REUSEPORT``; the kernel spreads
+    new connections over them). On one shared socket the worker that wakes first takes
+    most of a burst of keep-alive connections (bench/), and that one worker, held to one
+    core by the GIL, then serves nearly all the traffic.
+
+    The master binds these sockets, one per worker slot, and keeps them open for its
+    whole life; a worker gets its slot's socket at the fork (``pre_fork`` picks the slot
+    with the fewest live workers, ``post_fork`` closes the other slots in the child). So
+    a worker that exits (SIGHUP, a crash) never takes an accept queue with it: the
+    connections queued there wait for the worker that replaces it, which shares the
+    socket while the old one drains. A socket bound in the worker itself would be
+    closed with the worker, and the kernel resets every connection still queued on it.
+    """
+
+    def on_starting(arbiter: Arbiter) -> None:
+        arbiter.LISTENERS = [_reuse_port_socket(config, arbiter) for _ in range(config.workers)]
+
+    def pre_fork(arbiter: Arbiter, worker: t.Any) -> None:
+        slots = len(arbiter.LISTENERS)
+        live = [getattr(other, "listen_slot", None) for other in arbiter.WORKERS.values()]
+        worker.listen_slot = min(range(slots), key=live.count) if slots else None
+
+    def post_fork(arbiter: Arbiter, worker: t.Any) -> None:
+        slot = getattr(worker, "listen_slot", None)
+        if slot is None or len(worker.sockets) != len(arbiter.LISTENERS):
+            return  # the arbiter made its own listeners (a reload with a new address)
+        for index, listener in enumerate(worker.sockets):
+            if index != slot:
+                listener.close()  # the child's copy only: the master keeps it
+        worker.sockets = [worker.sockets[slot]]
+
+    return {"on_starting": on_starting, "pre_fork": pre_fork, "post_fork": post_fork}
+
+
+def _reuse_port_socket(config: Config, arbiter: Arbiter) -> t.Any:
+    """A listening socket on ``--listen-addr`` that shares the port (``SO_REUSEPORT``),
+    in gunicorn's wrapper (its log line, TCP_NODELAY, the backlog setting)."""
+    family, socktype, proto, _, sockaddr = socket.getaddrinfo(
+        config.listen.host, config.listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    raw = socket.socket(family, socktype, proto)
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        raw.bind(sockaddr)
+        raw.listen(arbiter.cfg.backlog)
+    except BaseException:
+        raw.close()
+        raise
+    wrapper = gunicorn_sock.TCP6Socket if family == socket.AF_INET6 else gunicorn_sock.TCPSocket
+    return wrapper(sockaddr, arbiter.cfg, arbiter.log, fd=raw.detach())
+
+
+def _chain(*hooks: t.Callable[..., None] | None) -> t.Callable[..., None]:
+    """One gunicorn hook that runs ``hooks`` (those not None) in order.
+
+    gunicorn checks a hook's number of positional parameters, so the chain has the
+    same number as the hooks (one for the arbiter's hooks, two with the worker's).
+    """
+    present = [hook for hook in hooks if hook is not None]
+    if len(inspect.signature(present[0]).parameters) == 1:
+
+        def run_all(arbiter: Arbiter) -> None:
+            for hook in present:
+                hook(arbiter)
+
+        return run_all
+
+    def run_all_with_worker(arbiter: Arbiter, worker: t.Any) -> None:
+        for hook in present:
+            hook(arbiter, worker)
+
+    return run_all_with_worker
 
 
 # gthread, plus a deadline on receiving each request head (jwt_proxy.worker).
@@ -250,11 +401,9 @@ def gunicorn_options(config: Config) -> dict[str, t.Any]:
         # No control socket: under a hardened unit there is no writable home for it, and
         # several proxies on one host would fight over one path.
         "control_socket_disable": True,
-        # Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads
-        # new connections over them. On one shared socket the worker that wakes first
-        # takes most of a burst of keep-alive connections (15 of 16 in bench/), and one
-        # worker, held to one core by the GIL, then serves nearly all the traffic.
-        "reuse_port": True,
+        # A socket per worker, with SO_REUSEPORT, but bound and kept by the master
+        # (listening_hooks): gunicorn's reuse_port would bind it in the worker.
+        "reuse_port": False,
         **REQUEST_PARSING_OPTIONS,
     }
     if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
@@ -262,13 +411,21 @@ def gunicorn_options(config: Config) -> dict[str, t.Any]:
     if config.tls_cert:
         options["certfile"] = config.tls_cert
         options["keyfile"] = config.tls_key
-    hooks = metrics_hooks(config) if config.metrics_enabled else {}
+    hook_sets = [shutdown_hooks(config), metrics_hooks(config) if config.metrics_enabled else {}]
     if config.serves_sdk_tokens:  # token files / token endpoint: one agent process for the tree
         from .tokenagent import add_agent_hooks
 
-        hooks = add_agent_hooks(config, hooks, close_in_child=_close_metrics_socket)
-    options.update(hooks)
-    options["on_starting"] = _check_listen_address_first(config, hooks.get("on_starting"))
+        hook_sets[1] = add_agent_hooks(config, hook_sets[1], close_in_child=_close_metrics_socket)
+    listening = listening_hooks(config)
+    for name in ("when_ready", "pre_fork", "post_fork", "child_exit", "worker_exit", "on_exit"):
+        hooks = [hook_set[name] for hook_set in (*hook_sets, listening) if name in hook_set]
+        if hooks:
+            options[name] = _chain(*hooks)
+    # The address is checked first, the metrics listener binds (and the token agent is
+    # forked, holding none of the proxy's sockets), then the proxy listener.
+    options["on_starting"] = _check_listen_address_first(
+        config, _chain(hook_sets[1].get("on_starting"), listening["on_starting"])
+    )
     return options
 
 
@@ -282,11 +439,10 @@ def _check_listen_address_first(
 ) -> t.Callable[[Arbiter], None]:
     """gunicorn's ``on_starting``: stop with one line if ``--listen-addr`` is taken, then ``then``.
 
-    With ``reuse_port`` the workers bind, each its own socket, and the master binds
-    nothing, so gunicorn alone would neither notice a port that another program holds
-    (each worker would retry and die, and be replaced, forever) nor one that another
-    jwt-proxy of the same user holds (the workers would join its sockets and share its
-    traffic). A plain bind in the master, before any worker exists, refuses both.
+    The proxy's sockets share their port (``SO_REUSEPORT``), so binding them would not
+    notice a port that another jwt-proxy of the same user holds: they would join its
+    sockets and share its traffic. A plain bind first, before anything else binds,
+    refuses that as well as a port another program holds.
     """
 
     def on_starting(arbiter: Arbiter) -> None:

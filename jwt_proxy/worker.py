@@ -1,21 +1,29 @@
-"""The gunicorn worker: gthread, with a deadline on request heads and request-free error logs;
-and the logger, without gunicorn's access records.
+"""The gunicorn worker: gthread, with request heads gathered off the pool, a deadline on
+them, a drain that answers what is on the wire, and request-free error logs; and the
+logger, without gunicorn's access records.
 
-gunicorn's gthread worker waits for a new connection's first byte without holding a
-thread (``DEFAULT_WORKER_DATA_TIMEOUT``, 5 s, then the keep-alive poller), but once a
-byte has arrived a pool thread reads the rest of the head with blocking reads that have
-no timeout, and its ``timeout`` setting is only a liveness check of the worker process.
-A client that sends its head one byte a second would hold that thread for as long as it
-likes, and ``--threads`` such clients would stop the worker. :class:`ProxyWorker` gives
-every head :data:`REQUEST_HEAD_TIMEOUT_S` from the moment a thread takes the connection
-(a new one, or a kept-alive one whose next request has begun): the worker's main loop,
-which wakes at least once a second, shuts down the socket of any connection still
-without a complete head after that, so the blocked read ends and the thread is freed.
+gunicorn's gthread worker hands a connection to a pool thread as soon as it has a byte to
+read, and the thread then reads the rest of the head with blocking reads. A client that
+sends its head one byte a second holds that thread for the whole drip, and ``--threads``
+such clients stop the worker for everyone. :class:`ProxyWorker` gathers a plain-HTTP
+head in the worker's main loop instead (non-blocking reads into a buffer of the
+connection, woken by the same selector that accepts) and hands the connection to a pool
+thread only once the head is complete (an empty line seen) or :data:`HEAD_GATHER_LIMIT`
+bytes long, so that the parser can refuse it. A head not complete within
+:data:`REQUEST_HEAD_TIMEOUT_S` is cut off, in the main loop or, for a TLS head (read by
+the pool thread, which owns the handshake) or one beyond the gather limit, by shutting
+down the socket the pool thread reads.
 
-Two changes to how connections move between the main loop and the pool threads: a pool
-thread that has answered on a kept-alive connection serves the client's next request
-itself if it comes within :data:`KEEPALIVE_LINGER_MS` (see there), and a connection
-that ends is closed by its pool thread, not in the main loop (:func:`_close_here`).
+Two more changes to how connections move between the main loop and the pool threads: a
+pool thread that has answered on a kept-alive connection serves the client's next request
+itself if its head comes within :data:`KEEPALIVE_LINGER_MS` (see there; a head begun but
+not finished by then goes back to the main loop), and a connection that ends is
+half-closed by its pool thread and closed by the main loop once the client has closed
+too, without holding a thread or blocking the loop (see :data:`CLOSE_LINGER_S`).
+
+When the worker stops (SIGTERM, or the old generation after a SIGHUP) it first accepts
+the connections already queued on its listening socket, then closes the socket, then
+serves what it holds: every request already sent is answered, with ``Connection: close``.
 
 It also keeps request bytes out of the log. gunicorn describes a malformed request with
 the bytes it choked on (``Invalid HTTP request line: 'GET /?secret=...'``, a partial
@@ -26,9 +34,13 @@ record and the ``400`` body name the kind of error and, at most, a header name.
 from __future__ import annotations
 
 import copy
+import errno
+import functools
 import logging
+import math
 import re
 import select
+import selectors
 import socket
 import threading
 import time
@@ -36,15 +48,22 @@ import typing as t
 
 from gunicorn.glogging import Logger
 from gunicorn.http import errors
+from gunicorn.workers.gthread import TConn
 from gunicorn.workers.gthread import ThreadWorker
 
-#: The longest a pool thread waits for a complete request head (request line and header
-#: lines), TLS handshake included. Clients of a sidecar send their head in one write; ten
+#: The longest a request head (request line and header lines, TLS handshake included)
+#: may take: from the accept for a new connection, from its first byte for the next
+#: request on a kept-alive one. Clients of a sidecar send their head in one write; ten
 #: seconds leave room for a loaded host and none for a client that drips it. The check
-#: runs once a second, so a connection is closed 10 to 11 s after a thread took it.
+#: runs once a second, so a connection is closed 10 to 11 s after its head began.
 REQUEST_HEAD_TIMEOUT_S = 10.0
-#: How long a pool thread given a new connection polls for its first bytes itself (a
-#: client sends its request right after connecting) before leaving the wait to gunicorn.
+#: How many head bytes the main loop gathers before a pool thread takes over: the
+#: parser then reads the rest, and refuses a line or a header block beyond its limits,
+#: within the same head deadline. Far above any head a client of this proxy sends;
+#: small enough that thousands of gathering connections cost little memory.
+HEAD_GATHER_LIMIT = 64 * 1024
+#: How long a pool thread given a new TLS connection polls for its first bytes itself (a
+#: client sends its handshake right after connecting) before leaving the wait to gunicorn.
 FIRST_BYTES_POLL_MS = 50
 #: How often the worker tells the master it is alive (the heartbeat file's mtime).
 HEARTBEAT_INTERVAL_S = 1.0
@@ -55,6 +74,26 @@ HEARTBEAT_INTERVAL_S = 1.0
 #: write and read, two epoll changes): about a quarter of the CPU of a small request
 #: (bench/), and some latency. Idle clients cost a thread 2 ms.
 KEEPALIVE_LINGER_MS = 2
+#: At most this many queued connections are taken from the listening socket when the
+#: worker stops (then it is closed): a bound, should connections keep arriving meanwhile.
+STOP_ACCEPT_MAX = 4096
+#: How long a connection that the proxy ends waits, half-closed, for the client's FIN
+#: before it is closed (RFC 9112 9.6: unread request bytes at close() would make the
+#: kernel reset the connection, and the client could lose the response). gunicorn waits
+#: with a blocking read, in the pool thread or in the main loop; here the main loop's
+#: selector waits, so a client that keeps its side open holds neither a thread (during
+#: a drain, every thread is needed for requests still on the wire) nor the other
+#: connections; and it reads at most :data:`CLOSE_DRAIN_MAX` bytes meanwhile.
+CLOSE_LINGER_S = 2.0
+CLOSE_DRAIN_MAX = 64 * 1024
+#: What a pool thread returns for a connection it has half-closed: the main loop waits
+#: for the client's side to close.
+_HALF_CLOSED = object()
+#: What a pool thread returns for a connection whose next head has begun but is not
+#: complete: the main loop gathers the rest.
+_GATHER = object()
+# What the next request on a kept-alive connection looks like after the linger.
+_READY, _IDLE, _PARTIAL, _CLOSED = "ready", "idle", "partial", "closed"
 
 # What a malformed request is called in the log and in the 400 body, instead of its bytes.
 _DESCRIPTIONS: dict[type[BaseException], str] = {
@@ -131,8 +170,9 @@ EXCEPTION_ARGS_FILTER = _ExceptionArgsFilter()
 
 
 class ProxyWorker(ThreadWorker):
-    """gunicorn's ``gthread`` worker with :data:`REQUEST_HEAD_TIMEOUT_S`, kept-alive
-    requests served in the pool thread, closes off the main loop and redacted parse
+    """gunicorn's ``gthread`` worker with heads gathered in the main loop,
+    :data:`REQUEST_HEAD_TIMEOUT_S`, kept-alive requests served in the pool thread, a
+    drain that takes the queued connections, closes off the main loop and redacted parse
     errors (see the module docstring)."""
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
@@ -142,10 +182,136 @@ class ProxyWorker(ThreadWorker):
         self._head_lock = threading.Lock()
         self._waiting = 0  # connections handed to the pool, not yet taken by a thread; under _head_lock
         self._next_heartbeat = 0.0
+        # Connection -> deadline of the head the main loop gathers on it. Insertion order
+        # is deadline order: every entry gets the same timeout from the moment it is added.
+        self._gathering: dict[t.Any, float] = {}
+        # Half-closed connection -> [deadline for the client's FIN, bytes drained]; same order.
+        self._closing: dict[t.Any, list[float]] = {}
 
     def init_process(self) -> None:
         self.log.error_log.addFilter(EXCEPTION_ARGS_FILTER)
         super().init_process()  # runs the worker until it exits
+
+    # -- the main loop: accept, gather heads, hand complete ones to the pool ----------
+
+    def accept(self, listener: t.Any) -> bool:
+        """Accept one connection and start gathering its head; whether there was one."""
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return False
+            raise
+        self.nr_conns += 1
+        conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())  # non-blocking
+        if self.cfg.is_ssl:
+            self.enqueue_req(conn)  # the pool thread does the handshake (and reads the head)
+        else:
+            self._gather(conn, time.monotonic() + REQUEST_HEAD_TIMEOUT_S)
+        return True
+
+    def on_client_socket_readable(self, conn: t.Any, client: t.Any) -> None:
+        """A kept-alive connection's next request has begun: gather its head."""
+        if self.cfg.is_ssl:
+            super().on_client_socket_readable(conn, client)
+            return
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self._gather(conn, time.monotonic() + REQUEST_HEAD_TIMEOUT_S)
+
+    def _gather(self, conn: t.Any, deadline: float) -> None:
+        """Read what the client has sent; hand the connection to the pool if the head is
+        complete, else wait in the selector for more (main loop only)."""
+        state = _read_head(conn)
+        if state is True:
+            self.enqueue_req(conn)
+        elif state is None:
+            self._drop(conn)
+        else:
+            self._gathering[conn] = deadline
+            self.poller.register(conn.sock, selectors.EVENT_READ, functools.partial(self._on_head_bytes, conn))
+
+    def _on_head_bytes(self, conn: t.Any, client: t.Any) -> None:
+        state = _read_head(conn)
+        if state is False:
+            return
+        self.poller.unregister(client)
+        del self._gathering[conn]
+        if state is True:
+            self.enqueue_req(conn)
+        else:
+            self._drop(conn)
+
+    def _drop(self, conn: t.Any) -> None:
+        """Close a connection that the main loop holds (client gone, or too slow)."""
+        self.nr_conns -= 1
+        conn.close()
+
+    def close_overdue(self) -> None:
+        """Close every connection whose head the main loop has gathered for too long, and
+        every half-closed one whose client has not closed its side in time."""
+        for conn in _take_overdue(self._gathering):
+            self._unregister(conn)
+            self._drop(conn)
+            self._log_slow_head(conn)
+        for conn in _take_overdue(self._closing):
+            self._unregister(conn)
+            self._drop(conn)
+
+    def _unregister(self, conn: t.Any) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _on_close_readable(self, conn: t.Any, client: t.Any) -> None:
+        """Drain what a half-closed connection's client still sends; close at its FIN."""
+        entry = self._closing[conn]
+        while True:
+            try:
+                data = socket.socket.recv(conn.sock, 65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            entry[1] += len(data)
+            if not data or entry[1] >= CLOSE_DRAIN_MAX:
+                break
+        del self._closing[conn]
+        self.poller.unregister(client)
+        self._drop(conn)
+
+    def finish_request(self, conn: t.Any, fs: t.Any) -> None:
+        result = None if fs.cancelled() or fs.exception() is not None else fs.result()
+        if result is _GATHER:
+            conn.sock.setblocking(False)
+            self._gather(conn, time.monotonic() + REQUEST_HEAD_TIMEOUT_S)
+        elif result is _HALF_CLOSED:
+            self._closing[conn] = [time.monotonic() + CLOSE_LINGER_S, 0]
+            self.poller.register(conn.sock, selectors.EVENT_READ, functools.partial(self._on_close_readable, conn))
+        else:
+            super().finish_request(conn, fs)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """When the worker stops: take the connections already queued on the listening
+        socket, then close it, so that none of them is reset with it and later ones are
+        refused (or, after a SIGHUP, queue for the new workers, which share the socket).
+        The master has cut the backlog to its minimum before a stop (see
+        ``jwt_proxy.server``), so that few connections can arrive between the last
+        accept and the close, which resets them.
+        """
+        super().set_accept_enabled(enabled)
+        if enabled or self.alive:
+            return
+        for listener in self.sockets:
+            if listener.sock is None:
+                continue  # already closed
+            for _ in range(STOP_ACCEPT_MAX):
+                if not self.accept(listener):
+                    break
+            listener.close()
+
+    # -- the pool threads ---------------------------------------------------------------
 
     def enqueue_req(self, conn: t.Any) -> None:
         with self._head_lock:
@@ -159,39 +325,71 @@ class ProxyWorker(ThreadWorker):
             self._waiting -= 1
         while True:
             result = self._handle_one(conn)
-            if result is not True or not self._next_request_within_linger(conn):
+            if result is not True:
                 break
+            after_linger = self._next_request_within_linger(conn)
+            if after_linger != _READY:
+                break
+        if result is True and after_linger == _PARTIAL:
+            return _GATHER
+        if result is True and after_linger == _CLOSED:
+            result = False
         if result is False:
-            _close_here(conn)
+            return _half_close(conn)
         return result
 
     def _handle_one(self, conn: t.Any) -> t.Any:
         with self._head_lock:
             self._head_deadlines[conn] = time.monotonic() + REQUEST_HEAD_TIMEOUT_S
-        if not conn.initialized and not conn.data_ready and _readable(conn.sock, FIRST_BYTES_POLL_MS):
-            # A new connection whose client has sent: gunicorn's own wait for the first
-            # bytes (a selector made and closed per connection) is skipped.
+        gathered = getattr(conn, "head", None)
+        if gathered:
+            # The head the main loop (or the linger) gathered goes to the parser first.
+            conn.data_ready = True
+            conn.sock.setblocking(True)
+            conn.init()  # the HTTP/1 parser: http2_cleartext is off, so init() reads nothing
+            conn.parser.unreader.unread(bytes(gathered))
+            conn.head = bytearray()
+        elif not conn.initialized and not conn.data_ready and _readable(conn.sock, FIRST_BYTES_POLL_MS):
+            # A new TLS connection whose client has sent: gunicorn's own wait for the
+            # first bytes (a selector made and closed per connection) is skipped.
             conn.data_ready = True
         try:
             return super().handle(conn)
         finally:
             self._head_received(conn)
 
-    def _next_request_within_linger(self, conn: t.Any) -> bool:
-        """Whether the client's next request is there, or arrives within the linger.
+    def _next_request_within_linger(self, conn: t.Any) -> str:
+        """Whether the client's next head is there (:data:`_READY`), arrives within the
+        linger, has begun but is incomplete or is left to the main loop
+        (:data:`_PARTIAL`), has not begun (:data:`_IDLE`), or the client has closed
+        (:data:`_CLOSED`).
 
         Only while the worker runs and no other connection waits for a thread: checked
         after every request, so a connection waits at most one request and one linger
         for a thread that its client's next request would otherwise keep.
         """
-        if not self.alive or self._waiting > 0:
-            return False
+        if self.cfg.is_ssl:  # TLS records cannot be read a head at a time; as gunicorn does
+            if not self.alive or self._waiting > 0:
+                return _IDLE
+            if conn.parser.unreader.buf.getvalue() or conn.sock.pending():
+                return _READY
+            return _READY if _readable(conn.sock, KEEPALIVE_LINGER_MS) else _IDLE
         if conn.parser.unreader.buf.getvalue():  # read ahead with the previous request
-            return True
-        pending = getattr(conn.sock, "pending", None)  # TLS: decrypted, not yet read
-        if pending is not None and pending():
-            return True
-        return _readable(conn.sock, KEEPALIVE_LINGER_MS)
+            conn.head = bytearray(conn.parser.unreader.take_buffered())
+        if not self.alive or self._waiting > 0:
+            return _PARTIAL if conn.head else _IDLE  # the main loop serves a read-ahead head
+        if _head_complete(conn.head):
+            return _READY
+        deadline = time.monotonic() + KEEPALIVE_LINGER_MS / 1000
+        while True:
+            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not _readable(conn.sock, remaining_ms):
+                return _PARTIAL if conn.head else _IDLE
+            state = _read_head(conn)
+            if state is True:
+                return _READY
+            if state is None:
+                return _CLOSED
 
     def handle_request(self, req: t.Any, conn: t.Any) -> bool:
         self._head_received(conn)  # the head is in: from here the request is the app's
@@ -208,10 +406,12 @@ class ProxyWorker(ThreadWorker):
 
     def murder_pending(self) -> None:
         super().murder_pending()
+        self.close_overdue()
         self.close_slow_heads()
 
     def close_slow_heads(self) -> None:
-        """Shut down every connection whose head is overdue (main loop, once a second).
+        """Shut down every connection whose head a pool thread reads and is overdue (main
+        loop, once a second).
 
         Under the lock, so that a head completing at this moment either is still listed
         and closed, or has been taken off the list by :meth:`handle_request` first.
@@ -228,11 +428,14 @@ class ProxyWorker(ThreadWorker):
                 except OSError:
                     continue  # the socket is being replaced (TLS wrap) or already closed
                 del self._head_deadlines[conn]
-                self.log.info(
-                    "Closed a connection without a complete request head after %ss (client %s)",
-                    REQUEST_HEAD_TIMEOUT_S,
-                    conn.client[0] if isinstance(conn.client, tuple) else conn.client,
-                )
+                self._log_slow_head(conn)
+
+    def _log_slow_head(self, conn: t.Any) -> None:
+        self.log.info(
+            "Closed a connection without a complete request head after %ss (client %s)",
+            REQUEST_HEAD_TIMEOUT_S,
+            conn.client[0] if isinstance(conn.client, tuple) else conn.client,
+        )
 
     def handle_error(self, req: t.Any, client: t.Any, addr: t.Any, exc: BaseException) -> None:
         if req is not None and isinstance(getattr(req, "uri", None), str):
@@ -244,6 +447,44 @@ class ProxyWorker(ThreadWorker):
             self._head_deadlines.pop(conn, None)
 
 
+def _read_head(conn: t.Any) -> bool | None:
+    """Read, without waiting, what the client has sent into ``conn.head``: True once the
+    head is complete (or :data:`HEAD_GATHER_LIMIT` long, or the client has finished
+    sending after part of a head: the parser then answers or drops it as gunicorn
+    would), False while it is not, None when the client has closed before sending
+    anything or the socket failed.
+
+    A head ends at the first empty line; a bare-LF one counts too, so that the parser
+    can refuse it at once instead of the deadline closing it silently.
+    """
+    head = getattr(conn, "head", None)
+    if head is None:
+        head = conn.head = bytearray()
+    if _head_complete(head):  # read ahead with the previous request
+        return True
+    while True:
+        try:
+            data = conn.sock.recv(HEAD_GATHER_LIMIT, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return None
+        if not data:
+            return True if head else None
+        start = max(0, len(head) - 3)
+        head += data
+        if _head_complete(head, start):
+            return True
+        if len(data) < HEAD_GATHER_LIMIT:
+            return False  # all there was
+
+
+def _head_complete(head: bytearray, start: int = 0) -> bool:
+    """Whether ``head`` holds an empty line at or after ``start``, or is as long as the
+    main loop gathers."""
+    return head.find(b"\r\n\r\n", start) >= 0 or head.find(b"\n\n", start) >= 0 or len(head) >= HEAD_GATHER_LIMIT
+
+
 def _readable(sock: t.Any, timeout_ms: int) -> bool:
     """Whether ``sock`` has bytes (or EOF) to read within ``timeout_ms``; ``poll``, not
     ``select``, so that descriptors above 1024 work."""
@@ -252,21 +493,39 @@ def _readable(sock: t.Any, timeout_ms: int) -> bool:
     return bool(poller.poll(timeout_ms))
 
 
-def _close_here(conn: t.Any) -> None:
-    """Close a finished connection in the pool thread, not in gunicorn's main loop.
-
-    The close is graceful (RFC 9112 9.6): half-close, then wait up to 2 s for the
-    client's FIN so that unread request bytes do not turn into a reset. In the main
-    loop, as gunicorn does it, a client that keeps its side open after a
-    ``Connection: close`` response stalls every connection of the worker (no accept,
-    no kept-alive request) for those 2 s; here it holds this one thread.
-    """
-    conn.close(graceful=True)
-    conn.close = _already_closed  # gunicorn's finish_request calls it again
+def _half_close(conn: t.Any) -> t.Any:
+    """End a finished connection in its pool thread: send the FIN at once (the client
+    sees the end of the response), and leave the wait for the client's own FIN to the
+    main loop (:data:`CLOSE_LINGER_S`). A socket that is already gone is just closed."""
+    try:
+        # socket.socket's own method: on a TLS socket, SSLSocket.shutdown would also drop
+        # the TLS state, which is no longer needed, but that is not what is meant here.
+        socket.socket.shutdown(conn.sock, socket.SHUT_WR)
+    except OSError:
+        conn.close()
+        conn.close = _already_closed  # gunicorn's finish_request calls it again
+        return False
+    conn.sock.setblocking(False)
+    return _HALF_CLOSED
 
 
 def _already_closed(graceful: bool = False) -> None:
     return None
+
+
+def _take_overdue(deadlines: dict[t.Any, t.Any]) -> list[t.Any]:
+    """Remove and return the connections of ``deadlines`` (in deadline order; the value
+    is the deadline, or a list starting with it) whose deadline has passed."""
+    now = time.monotonic()
+    overdue = []
+    for conn, value in deadlines.items():
+        deadline = value[0] if isinstance(value, list) else value
+        if deadline > now:
+            break
+        overdue.append(conn)
+    for conn in overdue:
+        del deadlines[conn]
+    return overdue
 
 
 class ServerLogger(Logger):
@@ -283,9 +542,9 @@ class ServerLogger(Logger):
         return None
 
     def info(self, msg: str, *args: t.Any, **kwargs: t.Any) -> None:
-        # With reuse_port the master has no listener of its own: gunicorn would write
-        # "Listening at:  (pid)". Name the address, and that each worker binds it.
-        if msg == _LISTENING_AT and args and not args[0]:
+        # The master holds a socket per worker on one address: gunicorn would name it
+        # once per worker. Name it once, and say how it is shared.
+        if msg == _LISTENING_AT and args:
             args = (f"{','.join(self.cfg.bind)} (a socket per worker, SO_REUSEPORT)", *args[1:])
         super().info(msg, *args, **kwargs)
 

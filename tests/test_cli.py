@@ -46,6 +46,7 @@ def assert_nothing_listens(port):
         (["--token-duration", "2h"], {}, "--token-duration", "2h"),
         (["--upstream-host", "https://api.example.com"], {}, "--upstream-host", "https://api.example.com"),
         (["--workers=0"], {}, "--workers", "0"),
+        (["--shutdown-delay", "later"], {}, "--shutdown-delay", "later"),
         (["-log-format", "xml"], {}, "--log-format", "xml"),
         ([], {"UPSTREAM_TIMEOUT": "soon"}, "UPSTREAM_TIMEOUT", "soon"),
         ([], {"METRICS_ENABLED": "maybe"}, "METRICS_ENABLED", "maybe"),
@@ -150,6 +151,7 @@ def test_every_option_has_its_environment_variable():
     names = {option.name: option.envvar for option in OPTIONS}
     assert names["upstream-host"] == "UPSTREAM_HOST"
     assert names["token-refresh-skew"] == "TOKEN_REFRESH_SKEW"
+    assert names["shutdown-delay"] == "SHUTDOWN_DELAY"
     params = {param.name: param for param in root.params}
     for option in OPTIONS:
         assert params[option.name.replace("-", "_")].envvar == option.envvar
@@ -182,3 +184,9 @@ def test_region_from_either_variable(monkeypatch, variable):
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv(variable, "ap-southeast-2")
     assert config_from_environment().region == "ap-southeast-2"
+
+
+def test_shutdown_delay_from_its_environment_variable(monkeypatch):
+    monkeypatch.setenv("AWS_REGION", "eu-west-2")
+    monkeypatch.setenv("SHUTDOWN_DELAY", "7s")
+    assert config_from_environment().shutdown_delay_s == 7

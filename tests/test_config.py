@@ -42,6 +42,7 @@ def test_defaults():
     assert config.metrics_enabled is True and config.metrics_listen.bind == "127.0.0.1:9090"
     assert config.metrics_path == "/metrics"
     assert (config.workers, config.threads, config.graceful_timeout_s) == (2, 32, 30)
+    assert config.shutdown_delay_s == 0
 
 
 def test_audiences_are_split_sorted_and_deduplicated():
@@ -96,6 +97,8 @@ def test_pinned_upstream_and_routing_header():
         ({"workers": "0"}, "--workers"),
         ({"threads": "x"}, "--threads"),
         ({"graceful_timeout": "-1s"}, "--graceful-timeout"),
+        ({"shutdown_delay": "-1s"}, "--shutdown-delay"),
+        ({"shutdown_delay": "soon"}, "--shutdown-delay"),
     ],
 )
 def test_bad_values_name_their_flag(options, flag):
@@ -104,6 +107,11 @@ def test_bad_values_name_their_flag(options, flag):
     assert info.value.flag == flag
     assert "\n" not in str(info.value)
     assert flag in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0s", 0), ("0", 0), ("1m30s", 90), ("500ms", 0.5), ("15", 15)])
+def test_shutdown_delay_takes_go_durations_and_zero(text, seconds):
+    assert Config.from_options(shutdown_delay=text).shutdown_delay_s == seconds
 
 
 def test_log_level_any_case():

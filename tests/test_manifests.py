@@ -34,7 +34,7 @@ TASK_DEFINITION = REPO / "conf" / "ecs" / "task-definition.json"
 KUBERNETES_VERSION = "1.33.0"
 HADOLINT_TIMEOUT_S = 60
 # Environment variables the proxy reads, besides the AWS SDK's own (AWS_*).
-PROXY_VARIABLES = {option.envvar for option in OPTIONS} | {"SHUTDOWN_DELAY"}
+PROXY_VARIABLES = {option.envvar for option in OPTIONS}
 LOCKED_DOWN = {
     "runAsNonRoot": True,
     "readOnlyRootFilesystem": True,

@@ -424,10 +424,13 @@ def test_metrics_hooks_are_in_the_gunicorn_options_only_when_enabled():
 
     enabled = server.gunicorn_options(Config.from_options(region="us-east-1"))
     disabled = server.gunicorn_options(Config.from_options(metrics_enabled="false", region="us-east-1"))
-    hooks = {"when_ready", "post_fork", "child_exit", "worker_exit", "on_exit"}
-    assert hooks <= enabled.keys()
-    assert not hooks & disabled.keys()
-    # on_starting always checks --listen-addr; with metrics it also prepares them.
+    metrics_only = {"child_exit", "worker_exit", "on_exit"}
+    assert metrics_only <= enabled.keys()
+    assert not metrics_only & disabled.keys()
+    # Always: on_starting checks and binds --listen-addr (with metrics it also prepares
+    # them), pre_fork/post_fork give each worker its socket, when_ready notes SIGTERM.
+    always = {"on_starting", "pre_fork", "post_fork", "when_ready"}
+    assert always <= enabled.keys() and always <= disabled.keys()
     assert enabled["on_starting"] is not disabled["on_starting"]
 
 
