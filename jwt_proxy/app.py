@@ -81,7 +81,7 @@ class ProxyResponse(Response):
 
 class UpgradeResponse(ProxyResponse):
     """A ``101``: the server sends the head, then runs the body iterable, the tunnel's
-    relay (werkzeug would give any 1xx an empty body, P13)."""
+    relay (werkzeug would give any 1xx an empty body)."""
 
     def get_app_iter(self, environ: dict[str, t.Any]) -> t.Iterable[bytes]:
         return ClosingIterator(self.response, self.close)
@@ -366,7 +366,7 @@ def _stream_body(body: t.Iterator[bytes], target: str) -> t.Iterator[bytes]:
     head as soon as the upstream's is in (an event stream's first event may come much
     later), then ``body`` as it arrives. If the upstream breaks off, an error record
     naming the target, and the error goes on to the server, which drops the client
-    connection rather than end a truncated body cleanly (P7)."""
+    connection rather than end a truncated body cleanly."""
     try:
         yield b""
         yield from body

@@ -36,8 +36,8 @@ class DirectBody:
     """A request body with a ``Content-Length``, read from the client socket itself.
 
     gunicorn's ``wsgi.input`` re-buffers what it receives at every read (``BytesIO``
-    writes, ``getvalue``, slices): about six copies of each byte, two thirds of the CPU
-    of an upload (bench/, py-spy). This reader hands out what gunicorn has already read
+    writes, ``getvalue``, slices): about six copies of each byte, most of an upload's
+    CPU. This reader hands out what gunicorn has already read
     of the body, then one ``recv`` per read. It keeps gunicorn's own count of the body
     (``LengthReader.length``) in step, byte for byte, so that whatever the proxy does
     not read is still drained by gunicorn before the connection serves its next

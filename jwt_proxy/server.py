@@ -284,7 +284,7 @@ def listening_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
 
     Each worker accepts on a socket of its own (``SO_REUSEPORT``; the kernel spreads
     new connections over them). On one shared socket the worker that wakes first takes
-    most of a burst of keep-alive connections (bench/), and that one worker, held to one
+    most of a burst of keep-alive connections, and that one worker, held to one
     core by the GIL, then serves nearly all the traffic.
 
     The master binds these sockets, one per worker slot, and keeps them open for its

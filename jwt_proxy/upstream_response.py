@@ -55,8 +55,8 @@ def header_block_message(lines: list[bytes]) -> http.client.HTTPMessage:
 def header_block(lines: list[bytes]) -> tuple[http.client.HTTPMessage, list[tuple[str, str]]]:
     """:func:`header_block_message`, and the message's ``items()``.
 
-    http.client hands header lines to ``email.parser``, which costs about a twentieth
-    of a proxied request's CPU (bench/). When every line is a plain ``name: value`` (no
+    http.client hands header lines to ``email.parser``, a costly part of every proxied
+    request (``bench/`` measures it). When every line is a plain ``name: value`` (no
     folding, no stray CR, no odd name), the message is built here, with exactly the
     values the parser would give (``compat32``: leading blanks and the line end
     stripped, nothing else), and the items are the pairs just parsed (``compat32``
