@@ -10,7 +10,6 @@ streaming must leave the upstream's connection count where it was.
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from tests.conftest import JWT_PROXY
 from tests.conftest import Process
 from tests.conftest import aws_env
 from tests.conftest import free_port
+from tests.rawhttp import final_status
+from tests.rawhttp import send_raw
 from tests.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.integration
@@ -57,29 +58,7 @@ class Target:
         raise AssertionError(f"no worker started:\n{self.proxy.output()}")
 
     def send(self, data: bytes) -> bytes:
-        """Send, half-close, read until the proxy closes."""
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=IO_TIMEOUT_S) as sock:
-            sock.sendall(data)
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            answer = b""
-            try:
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return answer
-                    answer += chunk
-            except ConnectionResetError:
-                return answer  # closed with our unread bytes queued: the answer is in
-
-
-def first_final_status(answer: bytes) -> int:
-    for line in answer.split(b"\r\n"):
-        if line[:7] == b"HTTP/1." and line[9:10] != b"1":
-            return int(line[9:12])
-    return 0
+        return send_raw(self.proxy.port, data, IO_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +160,7 @@ def test_no_generated_head_gets_a_500_crashes_the_worker_or_dials_when_refused(
     head += "".join(f"{line}\r\n" for line in lines)
     opened = target.upstream.settle()
     answer = target.send(head.encode("latin-1") + b"\r\n" + body)
-    status = first_final_status(answer)
+    status = final_status(answer)
     event(f"status {status}")
     event(f"framing {framing}")
     assert status != 500 and 200 <= status < 600, answer[:300]
@@ -192,7 +171,7 @@ def test_no_generated_head_gets_a_500_crashes_the_worker_or_dials_when_refused(
 
 def test_a_normal_request_gets_a_token_after_the_generated_heads(target):
     answer = target.send(b"GET /after HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
-    assert first_final_status(answer) == 200
+    assert final_status(answer) == 200
     assert worker_pids(target.proxy.pid) == target.workers
     (last,) = target.upstream.requests[-1:]
     assert last.target == "/after"

@@ -9,7 +9,6 @@ still be answered afterwards.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 from hypothesis import HealthCheck
@@ -26,6 +25,8 @@ from tests.conftest import JWT_PROXY
 from tests.conftest import Process
 from tests.conftest import aws_env
 from tests.conftest import free_port
+from tests.rawhttp import final_status
+from tests.rawhttp import send_raw
 from tests.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.integration
@@ -50,34 +51,13 @@ class Target:
 
     def send(self, data: bytes) -> tuple[int, bytes]:
         """Send raw bytes, half-close, read the answer until the proxy closes."""
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=IO_TIMEOUT_S) as sock:
-            sock.sendall(data)
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            answer = b""
-            try:
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
-            except ConnectionResetError:
-                pass  # the proxy closed with our unread bytes still queued: the answer is in
+        answer = send_raw(self.proxy.port, data, IO_TIMEOUT_S)
         return final_status(answer), answer
 
     def assert_healthy(self) -> None:
         assert self.proxy.popen.poll() is None, self.proxy.output()
         status, _ = self.send(b"GET /healthy HTTP/1.1\r\nHost: p\r\n" + self.route + b"Connection: close\r\n\r\n")
         assert status == 200
-
-
-def final_status(answer: bytes) -> int:
-    for line in answer.split(b"\r\n"):
-        if line[:7] == b"HTTP/1." and line[9:10] != b"1":
-            return int(line[9:12])
-    return 0
 
 
 @pytest.fixture(scope="module")
