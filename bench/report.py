@@ -201,7 +201,7 @@ def format_report(
         out.append("- **Errors** (socket errors or non-2xx/3xx): " + "; ".join(errors))
     checks = check_targets(results, args.body_mib)
     if checks:
-        out += ["", "### Issue 7 targets (jwt-proxy)", "", "| target | measured | |", "|---|---|---|"]
+        out += ["", "### Performance targets (jwt-proxy)", "", "| target | measured | |", "|---|---|---|"]
         out += [f"| {target} | {measured} | {verdict} |" for target, measured, verdict, _ in checks]
     out += ["", "### Machine", ""]
     out += [f"- {key}: {value}" for key, value in machine.items()]
