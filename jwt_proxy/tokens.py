@@ -206,52 +206,21 @@ def _start_daemon_thread(target: t.Callable[[], None]) -> None:
 class TokenStore:
     """Cache of :class:`Token` per :data:`AudienceSet`, refreshed ahead of expiry.
 
-    Each token gets two windows when it arrives. With ``lifetime`` its real
-    lifetime (``expires_at`` minus the moment its fetch started), the advisory
-    window starts ``min(refresh_skew_s, lifetime / 2)`` before expiry and the
-    mandatory window half as long before it. A token shorter than expected (a
-    duration fitted to the caller's session, a capped local STS) is so served
-    from memory for at least half its life instead of being fetched per request.
-    With ``remaining = token.expires_at - clock()``:
+    Each token gets an advisory window, ``min(refresh_skew_s, lifetime / 2)`` before
+    its expiry, and a mandatory window half as long (``lifetime``: its real one, so a
+    short token is still served from memory for half its life). Before the advisory
+    window :meth:`get` returns the cached token without a lock; inside it, at once,
+    while one refresh runs in the background; inside the mandatory window (or with no
+    token) it waits for a fetch that concurrent waiters share. When that fetch fails, a
+    token with :data:`STALE_MIN_REMAINING_S` left is still returned. The wait is bounded
+    because every ``fetch`` is (the STS client's timeouts), and a fetch runs to its end
+    even if the client that started it has gone, so the others still get its outcome.
 
-    * more than the advisory window left: the cached token, with no lock taken.
-    * inside the advisory window: the cached token at once; the first such
-      request claims the set's lock without blocking and hands one refresh to
-      ``spawn``. If it fails, the old token keeps being served and a request
-      after ``failure_backoff_s`` starts another.
-    * inside the mandatory window, or no token: wait for a fetch. Concurrent
-      waiters on one set share one fetch and all get its token or its error;
-      different sets have different locks and fetch concurrently.
-
-    Stale while valid: when the fetch a request waited for fails (or failed less
-    than ``failure_backoff_s`` ago), a cached token with at least
-    :data:`STALE_MIN_REMAINING_S` left is returned instead of the error. A
-    fetched token already expired is refused with ``error_class="expired"``.
-    Failures are never cached as tokens.
-
-    Bounded: at most ``max_sets`` sets are kept; inserting one more drops the
-    least recently used. A set not used for ``idle_drop_s`` is dropped by the
-    refresher rather than refreshed. Sets in ``keep`` (the configured audiences)
-    are never dropped. ``on_drop(audiences)`` is told of every drop.
-
-    Always fresh: a per-store refresher thread (daemon, started with the first
-    token unless ``background_refresh`` is false, or by :meth:`start_refresher`;
-    stopped by :meth:`stop_refresher`) refreshes every kept set as soon as it
-    enters its advisory window, so even a worker with no traffic holds fresh
-    tokens. :meth:`refresh_due` is one pass of it, for owners that drive it
-    themselves.
-
-    Who fetches: in the mandatory window the first waiter calls ``fetch`` itself
-    while holding the set's lock. A WSGI worker thread is not interrupted when
-    its client goes away (gthread only notices when it next writes to the
-    socket), so the fetch always runs to the end and publishes its outcome to
-    everyone waiting, even when the client that started it is gone.
-
-    Waiters block on the lock without a timeout. The wait is bounded because
-    every fetch is: the STS client has connect/read timeouts and a bounded
-    number of attempts (``jwt_proxy.sts.make_sts_client``), adding up to about
-    ``--upstream-timeout``. A ``fetch`` without such bounds would make waiters
-    wait as long as it does.
+    At most ``max_sets`` sets are kept (least recently used dropped first); a set unused
+    for ``idle_drop_s`` is dropped, not refreshed; sets in ``keep`` never are. A
+    refresher thread (:meth:`start_refresher`, or the first token) refreshes every kept
+    set as its advisory window opens, with no traffic needed; :meth:`refresh_due` is
+    one pass of it.
 
     :param fetch: calls STS for a normalized audience set; raises
         :class:`TokenUnavailable` on failure. Called from request threads and

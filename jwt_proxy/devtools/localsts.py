@@ -2,52 +2,19 @@
 
 The real API needs an AWS account with outbound identity federation enabled; this
 server lets the proxy, its tests and ``jwt-proxy demo`` run with none. It speaks the
-AWS Query protocol exactly as botocore serializes it (``POST /`` with
-``Action=GetWebIdentityToken&Version=2011-06-15&Audience.member.1=...``), applies the
-constraints of the STS service model, answers in the XML shapes botocore parses, and
-signs RS256 / ES384 JWTs with keys made at start, with claims shaped like AWS's.
-Point any AWS SDK at it with ``AWS_ENDPOINT_URL_STS=<url>``; any credentials are
-accepted (the SigV4 signature is not checked, but an ``Authorization`` header must be
-present, as with STS).
+AWS Query protocol as botocore serializes it, applies the STS service model's
+constraints, answers in the XML shapes botocore parses, and signs RS256 / ES384 JWTs
+with keys made at start and AWS-shaped claims (``iss`` is :attr:`LocalSTS.url`). Point
+an SDK at it with ``AWS_ENDPOINT_URL_STS``; any credentials are accepted.
 
-Endpoints:
-
-``POST /`` (any path outside ``/_local-sts/``)
-    ``GetWebIdentityToken`` and ``GetCallerIdentity`` over the Query protocol.
-``GET /.well-known/openid-configuration``, ``GET /.well-known/jwks.json``
-    OIDC discovery and the public keys, so a verifier (PyJWT's ``PyJWKClient``)
-    can check tokens; ``iss`` is :attr:`LocalSTS.url`.
-``GET /_local-sts/stats``
-    ``{"calls", "by_audience", "last_params", "issued", "errors", "caller_identity_calls"}``
-    where ``calls`` counts every authenticated ``GetWebIdentityToken`` request,
-    failed ones included, and ``by_audience`` is keyed by the audiences joined with
-    ``,`` in request order.
-``GET /_local-sts/config``, ``POST /_local-sts/config``
-    Read or change the fault knobs at runtime with a JSON object holding any of
-    ``fail_with``, ``stall_s``, ``max_token_lifetime_s``, ``max_session_duration_s``;
-    ``null`` clears a knob; the answer is the whole configuration.
-``POST /_local-sts/reset``
-    Zero the counters.
-
-The ``/_local-sts/`` control endpoints answer loopback clients only (403 otherwise):
-they are a development tool, and whoever can reach them can make this server fail.
-
-Fault knobs (constructor arguments, :meth:`LocalSTS.configure`, or the config endpoint):
-
-``fail_with``
-    Answer every ``GetWebIdentityToken`` with this AWS error code; the HTTP status
-    is the one STS uses (:data:`FAULT_STATUS_BY_CODE`), 500 for unknown codes.
-``max_session_duration_s``
-    Answer ``SessionDurationEscalationException`` when the requested
-    ``DurationSeconds`` exceeds it, as STS does when the token would outlive the
-    caller's session. With ``fail_with="SessionDurationEscalationException"`` this
-    is what makes that fault conditional, so a retry with a shorter duration works.
-``stall_s``
-    Wait this long before answering (client timeouts); shutdown cuts the wait short.
-``max_token_lifetime_s``
-    Issue tokens that expire sooner than asked; ``Expiration`` says the same.
-
-This is a development tool, never part of the proxy's request path.
+Besides ``POST /`` (``GetWebIdentityToken``, ``GetCallerIdentity``) it serves
+``/.well-known/openid-configuration`` and ``/.well-known/jwks.json`` for verifiers, and
+loopback-only control endpoints under ``/_local-sts/``: ``stats`` (call counts, last
+parameters), ``config`` (read or set the fault knobs as JSON; ``null`` clears one) and
+``reset``. The fault knobs (:class:`Faults`) make it answer an AWS error code
+(``fail_with``), refuse durations past a session (``max_session_duration_s``, the
+``SessionDurationEscalationException`` case), stall (``stall_s``) or issue short
+tokens (``max_token_lifetime_s``).
 """
 
 from __future__ import annotations
@@ -204,7 +171,15 @@ class TokenRequest:
 
 @dataclass(frozen=True)
 class Faults:
-    """The fault knobs; replaced whole on every change so a request sees one snapshot."""
+    """The fault knobs; replaced whole on every change so a request sees one snapshot.
+
+    ``fail_with``: every ``GetWebIdentityToken`` fails with this AWS error code, with
+    the HTTP status STS uses (:data:`FAULT_STATUS_BY_CODE`, else 500); with
+    ``max_session_duration_s`` set, ``SessionDurationEscalationException`` is answered
+    only for longer durations, so a shorter retry works. ``stall_s``: wait before
+    answering (shutdown cuts it short). ``max_token_lifetime_s``: tokens expire sooner
+    than asked, and ``Expiration`` says so.
+    """
 
     fail_with: str | None = None
     stall_s: float = 0.0
@@ -890,6 +865,9 @@ class LocalSTS(DevServer):
             return self._faults
 
     def stats(self) -> dict[str, t.Any]:
+        """What ``/_local-sts/stats`` answers: ``calls`` counts every authenticated
+        ``GetWebIdentityToken`` request, failed ones included; ``by_audience`` is keyed by
+        the audiences joined with ``,`` in request order."""
         with self._lock:
             return {
                 "calls": self._stats.calls,
