@@ -30,6 +30,7 @@ under plain gunicorn re-reads ``conf/gunicorn.conf.py`` and so makes new hooks.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import inspect
 import logging
@@ -247,10 +248,11 @@ def _shrink_backlogs(arbiter: Arbiter) -> None:
     SIGHUP the new workers keep using the sockets.
     """
     for listener in arbiter.LISTENERS:
-        try:
-            listener.sock.listen(0)
-        except (AttributeError, OSError):
-            pass  # not one of ours, or already closed
+        sock = getattr(listener, "sock", None)  # gunicorn's wrapper of the listening socket
+        if sock is None or sock.fileno() < 0:
+            continue  # already closed: nothing is queued on it any more
+        with contextlib.suppress(OSError):  # closed by a worker's exit in the meantime
+            sock.listen(0)
 
 
 def _serve_through_delay(arbiter: Arbiter, delay_s: float) -> None:
