@@ -20,11 +20,9 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from tests.conftest import JWT_PROXY
 from tests.conftest import Process
-from tests.conftest import aws_env
-from tests.conftest import free_port
 from tests.rawhttp import final_status
+from tests.rawhttp import start_small_proxy
 from tests.rawhttp import send_raw
 from tests.upstream import RecordingUpstream
 
@@ -64,21 +62,7 @@ class Target:
 @pytest.fixture(scope="module")
 def target(local_sts):
     with RecordingUpstream() as upstream:
-        port = free_port()
-        proxy = Process(
-            [
-                JWT_PROXY,
-                "--listen-addr", f"127.0.0.1:{port}",
-                "--metrics-enabled=false",
-                "--workers", "1",
-                "--threads", "8",
-                "--upstream-host", f"127.0.0.1:{upstream.port}",
-                "--upstream-scheme", "http",
-                "--upstream-timeout", "5s",
-            ],  # fmt: skip
-            aws_env(local_sts.url),
-            port,
-        ).wait_ready()
+        proxy = start_small_proxy(local_sts.url, ["--upstream-host", f"127.0.0.1:{upstream.port}"])
         try:
             yield Target(proxy, upstream)
         finally:

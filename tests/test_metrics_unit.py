@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import types
+import typing as t
 import urllib.request
 from wsgiref.util import setup_testing_defaults
 
@@ -220,15 +221,21 @@ def test_fetches_are_counted_by_result_and_error_class(multiproc, tmp_path):
     assert "jwt-ok" not in text and "jwt-stale" not in text
 
 
-def test_cache_hits_and_misses_come_from_the_token_store_observer(multiproc, tmp_path):
-    recorder = multiproc(701)
-    now = [NOW]
-    store = TokenStore(
+def recorded_store(recorder: t.Any, now: list[float], **options: t.Any) -> TokenStore:
+    """A store of hour-long tokens on the clock ``now[0]``, observed by ``recorder``."""
+    return TokenStore(
         recorder.instrument_fetch(lambda audiences: Token("jwt", now[0] + 3600)),
         refresh_skew_s=300,
         clock=lambda: now[0],
         on_lookup=recorder.token_lookup,
+        **options,
     )
+
+
+def test_cache_hits_and_misses_come_from_the_token_store_observer(multiproc, tmp_path):
+    recorder = multiproc(701)
+    now = [NOW]
+    store = recorded_store(recorder, now)
     store.get(("b", "a", "b"))
     store.get(("a", "b"))
     store.get(("a", "b"))
@@ -497,15 +504,7 @@ def test_audience_and_server_labels_stop_at_the_limit_across_workers(multiproc, 
 def test_a_dropped_set_leaves_the_expiry_gauge_and_the_cached_count(multiproc, tmp_path):
     recorder = multiproc(1301)
     now = [NOW]
-    store = TokenStore(
-        recorder.instrument_fetch(lambda audiences: Token("jwt", now[0] + 3600)),
-        refresh_skew_s=300,
-        clock=lambda: now[0],
-        on_lookup=recorder.token_lookup,
-        on_drop=recorder.token_dropped,
-        max_sets=2,
-        background_refresh=False,
-    )
+    store = recorded_store(recorder, now, on_drop=recorder.token_dropped, max_sets=2, background_refresh=False)
     for name in ("a", "b", "c"):
         store.get((name,))
         now[0] += 1

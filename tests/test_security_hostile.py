@@ -21,11 +21,9 @@ from jwt_proxy.headers import HOP_BY_HOP
 from jwt_proxy.routing import Allowlist
 from jwt_proxy.routing import RoutingError
 from jwt_proxy.routing import choose_upstream
-from tests.conftest import JWT_PROXY
 from tests.conftest import Process
-from tests.conftest import aws_env
-from tests.conftest import free_port
 from tests.rawhttp import final_status
+from tests.rawhttp import start_small_proxy
 from tests.rawhttp import send_raw
 from tests.upstream import RecordingUpstream
 
@@ -63,21 +61,7 @@ class Target:
 @pytest.fixture(scope="module")
 def target(local_sts):
     with RecordingUpstream() as upstream:
-        port = free_port()
-        proxy = Process(
-            [
-                JWT_PROXY,
-                "--listen-addr", f"127.0.0.1:{port}",
-                "--metrics-enabled=false",
-                "--workers", "1",
-                "--threads", "8",
-                "--upstream-scheme", "http",
-                "--allowed-upstream-hosts", f"127.0.0.1:{upstream.port}",
-                "--upstream-timeout", "5s",
-            ],
-            aws_env(local_sts.url),
-            port,
-        ).wait_ready()
+        proxy = start_small_proxy(local_sts.url, ["--allowed-upstream-hosts", f"127.0.0.1:{upstream.port}"])
         try:
             yield Target(proxy, upstream)
         finally:
