@@ -22,7 +22,8 @@ prometheus_client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``) in ord
 Always, :func:`listening_hooks` binds the proxy's listening sockets in the master, one
 per worker, and hands each worker its own (so a restarted worker drops no queued
 connection), and :func:`shutdown_hooks` marks the shutdown for ``/readyz``, waits out
-``--shutdown-delay`` and cuts the sockets' backlog before the drain.
+``--shutdown-delay`` and stops the sockets from taking new connections before the
+drain.
 
 State shared by the hooks lives in this module, not in the hooks, because a SIGHUP
 under plain gunicorn re-reads ``conf/gunicorn.conf.py`` and so makes new hooks.
@@ -46,7 +47,7 @@ import typing as t
 from gunicorn import sock as gunicorn_sock
 from gunicorn.app.base import BaseApplication
 
-from . import logs
+from . import logs, syn_filter
 
 if t.TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
@@ -229,7 +230,7 @@ def shutdown_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
                 _shutting_down.set()
                 if name == "handle_term" and config.shutdown_delay_s > 0:
                     _serve_through_delay(arbiter, config.shutdown_delay_s)
-                _shrink_backlogs(arbiter)
+                _refuse_new_connections(arbiter)
                 handler()
 
             # The arbiter looks its handlers up by name on itself, so this one is used.
@@ -238,21 +239,27 @@ def shutdown_hooks(config: Config) -> dict[str, t.Callable[..., None]]:
     return {"when_ready": when_ready}
 
 
-def _shrink_backlogs(arbiter: Arbiter) -> None:
-    """Cut the listening sockets' backlog to its minimum as the drain starts.
+def _refuse_new_connections(arbiter: Arbiter) -> None:
+    """Stop the listening sockets from taking new connections as the drain starts.
 
-    Each stopping worker takes the connections queued on its socket, then closes it;
-    the kernel resets any connection that arrives in between. With a backlog of 0, at
-    most one can: the kernel drops the SYNs of the others, whose retry is then refused,
-    which is what a client of a stopped server should see. Only at a stop: after a
-    SIGHUP the new workers keep using the sockets.
+    Each stopping worker takes the connections queued on its socket, then closes it,
+    and a connection queued in between would be reset with it. A socket filter that
+    drops SYNs (:mod:`jwt_proxy.syn_filter`) closes that window: from now on a new
+    client's SYN goes unanswered, and its retry a second later is refused, which is
+    what a client of a stopped server should see. Where socket filters are missing,
+    the backlog is cut to its minimum instead, so that at most one connection per
+    socket can be reset. Only at a stop: after a SIGHUP the new workers keep using the
+    sockets.
     """
     for listener in arbiter.LISTENERS:
         sock = getattr(listener, "sock", None)  # gunicorn's wrapper of the listening socket
         if sock is None or sock.fileno() < 0:
             continue  # already closed: nothing is queued on it any more
-        with contextlib.suppress(OSError):  # closed by a worker's exit in the meantime
-            sock.listen(0)
+        try:
+            syn_filter.refuse_new_connections(sock)
+        except OSError:
+            with contextlib.suppress(OSError):  # closed by a worker's exit in the meantime
+                sock.listen(0)
 
 
 def _serve_through_delay(arbiter: Arbiter, delay_s: float) -> None:

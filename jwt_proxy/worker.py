@@ -296,9 +296,9 @@ class ProxyWorker(ThreadWorker):
         """When the worker stops: take the connections already queued on the listening
         socket, then close it, so that none of them is reset with it and later ones are
         refused (or, after a SIGHUP, queue for the new workers, which share the socket).
-        The master has cut the backlog to its minimum before a stop (see
-        ``jwt_proxy.server``), so that few connections can arrive between the last
-        accept and the close, which resets them.
+        Before a stop the master has made the sockets drop new SYNs (see
+        ``jwt_proxy.server``), so that no connection can arrive between the last
+        accept and the close, which would reset it.
         """
         super().set_accept_enabled(enabled)
         if enabled or self.alive:

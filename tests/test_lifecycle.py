@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import http.client
 import multiprocessing
+import os
 import resource
 import selectors
 import signal
@@ -349,6 +350,63 @@ def test_sigterm_serves_connections_queued_before_the_drain_and_refuses_later_on
     assert not any(t.is_alive() for t in threads)
     assert set(outcomes) == {"status 200", "refused"}, [o for o in outcomes if o not in ("status 200", "refused")][:5]
     assert proxy.popen.wait(30) == 0
+
+
+def test_sigterm_gives_a_connection_that_arrives_after_the_drain_began_no_handshake(start_proxy, upstream):
+    """A worker that is slow to act on SIGTERM (stopped here) still holds its listening
+    socket, but from the master's SIGTERM on the socket completes no new handshake: the
+    client's SYN goes unanswered, and its retry is refused once the worker has closed
+    the socket. Without that, the connection would be queued and, had it arrived just
+    after the worker's last accept, reset by the close."""
+    proxy = start_proxy(*pinned(upstream), "--workers", "1")
+    wait_until(lambda: readyz(proxy)[0] == 200, what="the worker ready")
+    (worker,) = children(proxy.pid)
+    os.kill(worker, signal.SIGSTOP)
+    # Stopped before the SIGTERM comes: a SIGTERM pending with the SIGSTOP would be taken first.
+    wait_until(lambda: _process_state(worker) == "T", what="the worker stopped")
+    outcome: list[int] = []
+    try:
+        proxy.signal(signal.SIGTERM)
+        # The master signals the workers after it has set the drain up.
+        wait_until(lambda: _sigterm_pending(worker), what="the master's SIGTERM to reach the worker")
+
+        def connect_late() -> None:
+            with socket.socket() as late:
+                late.settimeout(IO_TIMEOUT_S)
+                outcome.append(late.connect_ex(("127.0.0.1", proxy.port)))
+
+        client = threading.Thread(target=connect_late, daemon=True)
+        client.start()
+        wait_until(lambda: _connecting_to(proxy.port), what="the late client's SYN")
+        time.sleep(0.5)  # a handshake on loopback takes microseconds: none must come
+        assert outcome == [] and _connecting_to(proxy.port), "the late connection got a handshake"
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert proxy.popen.wait(30) == 0
+    client.join(IO_TIMEOUT_S)
+    assert outcome == [errno.ECONNREFUSED]
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def _sigterm_pending(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+                return True
+    return False
+
+
+def _connecting_to(port: int) -> bool:
+    """Whether a loopback client socket is waiting for the handshake (SYN_SENT) with ``port``."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        return any(
+            fields[3] == "02" and int(fields[2].rsplit(":", 1)[1], 16) == port for fields in map(str.split, table)
+        )
 
 
 # -- --shutdown-delay ---------------------------------------------------------------------
