@@ -115,13 +115,14 @@ def response_framing(headers: t.Iterable[tuple[str, str]], *, http_1_0: bool = F
 
     An error for several ``Content-Length`` values that differ, one that is not plain
     digits (``+5``, ``-1``, ``5, 6``) or is above :data:`MAX_BODY_LENGTH`, and a
-    ``Content-Length`` next to a ``Transfer-Encoding``. Repeated lines with the same
-    length are one length. ``chunked`` when the ``Transfer-Encoding`` is exactly
-    ``chunked``, as http.client decodes it. ``close`` follows ``Connection`` (and, for
-    HTTP/1.0, ``Keep-Alive``).
+    ``Content-Length`` next to a ``Transfer-Encoding``. An error too for a
+    ``Transfer-Encoding`` other than exactly ``chunked`` over all its lines: the
+    header is hop-by-hop, so another coding (``gzip, chunked``, ``gzip``) would reach
+    the client undecoded and unnamed. Repeated lines with the same length are one
+    length. ``close`` follows ``Connection`` (and, for HTTP/1.0, ``Keep-Alive``).
     """
     length: int | None = None
-    transfer_encoding: str | None = None
+    transfer_encodings: list[str] = []
     connection = ""
     keep_alive_header = False
     for name, value in headers:
@@ -134,14 +135,16 @@ def response_framing(headers: t.Iterable[tuple[str, str]], *, http_1_0: bool = F
                 return ResponseFraming(None, False, True, "differing Content-Length values")
             length = number
         elif lower == "transfer-encoding":
-            transfer_encoding = value if transfer_encoding is None else transfer_encoding
+            transfer_encodings.append(value.strip(" \t").lower())
         elif lower == "connection":
             connection += "," + value.lower()
         elif lower == "keep-alive":
             keep_alive_header = True
-    if length is not None and transfer_encoding is not None:
+    if length is not None and transfer_encodings:
         return ResponseFraming(None, False, True, "Content-Length with Transfer-Encoding")
-    chunked = transfer_encoding is not None and transfer_encoding.strip(" \t").lower() == "chunked"
+    if transfer_encodings not in ([], ["chunked"]):
+        return ResponseFraming(None, False, True, "unsupported Transfer-Encoding")
+    chunked = bool(transfer_encodings)
     if http_1_0:
         close = not (keep_alive_header or "keep-alive" in connection)
     else:

@@ -121,6 +121,8 @@ BAD_FRAMING = {
     "minus-length": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhello",
     "word-length": b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello",
     "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "gzip-under-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "gzip-only": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
     "unasked-101": b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
 }
 
