@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 import threading
 import time
 
@@ -13,7 +14,7 @@ import pytest
 
 from jwt_proxy import syn_filter
 
-pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="Linux socket filters")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_ATTACH_FILTER is Linux's")
 
 
 @pytest.fixture
